@@ -1,0 +1,1 @@
+"""`python -m eval <command>`: prediction, scoring, visualisation and data preparation."""

@@ -1,0 +1,148 @@
+"""`python -m eval show`: source and target frames side by side with GT (and prediction) overlaid.
+
+For every video of ``--take`` / ``--object`` in ``--direction`` (optionally only the
+camera pair ``--pair SRC__TGT``), each frame of the video (source JPEGs ∩ target
+annotation keys, as LM-EEC lists them) becomes ``<out>/<src>__<tgt>/<frame>.png``:
+left the source view with its GT mask (green), right the target view with its GT
+(green) and the prediction (magenta) read from
+``<pred>/<take>/<src>__<tgt>/<object>/<frame>.json`` (COCO RLE of a 480x480 mask,
+stretched to the target view). ``<out>/<src>__<tgt>.gif`` animates the frames.
+Views are drawn ``--height`` pixels high keeping their aspect ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+GT_COLOUR = (40, 220, 60)
+PRED_COLOUR = (235, 40, 220)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("show", help="render source/target frames with GT and prediction overlays (PNG + GIF)")
+    p.add_argument("--data", required=True, help="processed split directory")
+    p.add_argument("--take", required=True)
+    p.add_argument("--object", required=True, dest="obj")
+    p.add_argument("--direction", choices=("ego2exo", "exo2ego"), default="ego2exo")
+    p.add_argument("--pred", default=None, help="prediction directory (<pred>/<take>/<src>__<tgt>/<object>/<frame>.json)")
+    p.add_argument("--pair", default=None, help="only this camera pair, e.g. aria01__cam01")
+    p.add_argument("--out", required=True)
+    p.add_argument("--height", type=int, default=360, help="drawn height of each view")
+    p.add_argument("--gif-ms", type=int, default=500, help="GIF frame duration")
+    p.set_defaults(func=main)
+
+
+def _resize_mask(m: np.ndarray, wh) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(wh, Image.NEAREST)) > 127
+
+
+def _contour(m: np.ndarray) -> np.ndarray:
+    e = m.copy()
+    e[1:] &= m[:-1]
+    e[:-1] &= m[1:]
+    e[:, 1:] &= m[:, :-1]
+    e[:, :-1] &= m[:, 1:]
+    c = m & ~e
+    c2 = c.copy()  # 2 px thick
+    c2[1:] |= c[:-1]
+    c2[:, 1:] |= c[:, :-1]
+    return c2
+
+
+def overlay(img: np.ndarray, mask: Optional[np.ndarray], colour, alpha: float = 0.4) -> np.ndarray:
+    if mask is None or not mask.any():
+        return img
+    out = img.astype(np.float32)
+    col = np.asarray(colour, np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * col
+    out[_contour(mask)] = col
+    return out.astype(np.uint8)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = np.logical_or(a, b).sum()
+    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / (u + 1e-7))
+
+
+def render_video(split_dir, rec, out_dir, pred_dir=None, height=360, gif_ms=500, annotation=None):
+    """Write the PNGs and the GIF of one video; returns the list of PNG paths."""
+    from PIL import Image, ImageDraw
+
+    from lmeec_jax.data.egoexo import decode_mask, load_annotation
+    from lmeec_jax.data.images import read_rgb
+
+    take_dir = os.path.join(split_dir, rec.take)
+    ann = annotation or load_annotation(take_dir, rec.take)
+    ann_path = os.path.join(take_dir, "annotation.json")
+    obj_ann = ann["masks"].get(rec.obj, {})
+    pair_dir = os.path.join(out_dir, rec.pair)
+    os.makedirs(pair_dir, exist_ok=True)
+    pngs, frames = [], []
+    for f in rec.frames:
+        views = []
+        texts = []
+        for role, cam in (("source", rec.src_cam), ("target", rec.tgt_cam)):
+            img = read_rgb(os.path.join(take_dir, cam, f + ".jpg"), take=rec.take, camera=cam, frame=f)
+            h, w = img.shape[:2]
+            wh = (max(1, round(w * height / h)), height)
+            small = np.asarray(Image.fromarray(img).resize(wh, Image.BILINEAR))
+            gt = None
+            if f in obj_ann.get(cam, {}):
+                gt = _resize_mask(decode_mask(obj_ann[cam][f], path=ann_path, take=rec.take, camera=cam, frame=f), wh)
+            small = overlay(small, gt, GT_COLOUR)
+            label = f"{role} {cam}  frame {f}  " + ("GT" if gt is not None and gt.any() else
+                                                    ("GT empty" if gt is not None else "no GT"))
+            if role == "target" and pred_dir:
+                pp = os.path.join(pred_dir, rec.take, rec.pair, rec.obj, f + ".json")
+                if os.path.isfile(pp):
+                    with open(pp) as fh:
+                        rle = json.load(fh)
+                    pm = decode_mask(rle, path=pp)
+                    pred = _resize_mask(pm, wh)
+                    small = overlay(small, pred, PRED_COLOUR, alpha=0.3)
+                    g480 = (_resize_mask(decode_mask(obj_ann[cam][f], path=ann_path), pm.shape[::-1])
+                            if f in obj_ann.get(cam, {}) else np.zeros(pm.shape, bool))
+                    label += f"  pred IoU {_iou(pm.astype(bool), g480):.2f}"
+                else:
+                    label += "  no pred"
+            views.append(small)
+            texts.append(label)
+        W = sum(v.shape[1] for v in views) + 8
+        canvas = Image.new("RGB", (W, height + 22), (20, 20, 20))
+        x = 0
+        draw = ImageDraw.Draw(canvas)
+        for v, t in zip(views, texts):
+            canvas.paste(Image.fromarray(v), (x, 22))
+            draw.text((x + 4, 5), t, fill=(255, 255, 255))
+            x += v.shape[1] + 8
+        path = os.path.join(pair_dir, f"{f}.png")
+        canvas.save(path)
+        pngs.append(path)
+        frames.append(canvas)
+    if frames:
+        frames[0].save(os.path.join(out_dir, f"{rec.pair}.gif"), save_all=True, append_images=frames[1:],
+                       duration=gif_ms, loop=0)
+    return pngs
+
+
+def main(args) -> int:
+    from lmeec_jax.data.egoexo import list_take_videos, load_annotation
+
+    ann = load_annotation(os.path.join(args.data, args.take), args.take)
+    recs = [r for r in list_take_videos(args.data, args.take, args.direction, annotation=ann)
+            if r.obj == args.obj and (args.pair is None or r.pair == args.pair)]
+    if not recs:
+        objs = sorted(ann["masks"])
+        print(f"no {args.direction} video for object {args.obj!r} in take {args.take} (objects: {objs})")
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    for rec in recs:
+        pngs = render_video(args.data, rec, args.out, args.pred, args.height, args.gif_ms, annotation=ann)
+        print(f"{rec.pair}: {len(pngs)} frames -> {os.path.join(args.out, rec.pair)}/ and {rec.pair}.gif")
+    return 0
