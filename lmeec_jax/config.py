@@ -111,13 +111,16 @@ CONFIGS: dict[str, ModelConfig] = {
     "sam2.1_hiera_b+": ModelConfig(name="sam2.1_hiera_b+", trunk=_BASE_PLUS),
     "sam2.1_hiera_l": ModelConfig(name="sam2.1_hiera_l", trunk=_LARGE),
     # LM-EEC: SAM 2.1 base-plus at 480 with MV_MoE.
-    "lmeec_hiera_b+": ModelConfig(name="lmeec_hiera_b+", trunk=_BASE_PLUS, image_size=480, mv_moe=True),
+    # LM-EEC inference builds the predictor with apply_postprocessing=False: no dynamic multimask.
+    "lmeec_hiera_b+": ModelConfig(name="lmeec_hiera_b+", trunk=_BASE_PLUS, image_size=480, mv_moe=True,
+                                  dynamic_multimask_via_stability=False),
     # A laptop-sized model for the built-in synthetic run and fast tests (not a SAM 2.1 size).
     "lmeec_hiera_nano": ModelConfig(
         name="lmeec_hiera_nano",
         trunk=HieraConfig(embed_dim=24, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
                           window_pos_embed_bkg_spatial_size=(4, 4), window_spec=(4, 4, 4, 2)),
         image_size=128, d_model=64, mem_dim=32, dim_feedforward=256, mv_moe=True,
+        dynamic_multimask_via_stability=False,
     ),
 }
 

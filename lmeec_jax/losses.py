@@ -26,6 +26,9 @@ The reference semantics (``training/loss_fns.py`` with the LM-EEC finetune yaml)
   against ``target_obj``, counted on every frame;
 * ``core_loss = 20 * loss_mask + 1 * loss_dice + 1 * loss_iou + 1 * loss_class``.
 
+(The reference trainer also adds ``0.0004 * focal(high_res_affinity)`` when the mask decoder
+returns an affinity map; LM-EEC's decoder always returns ``None`` there, so it is not ported.)
+
 Multi-device note: the reference all-reduces ``num_objects`` and divides by the world size, i.e.
 it normalises by the *per-GPU* object count and DDP averages the gradients over GPUs. Computing
 the loss once over the global batch with ``num_objects`` = global object count gives the same
@@ -45,6 +48,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "dice_loss",
     "iou_loss",
+    "actual_ious",
     "object_score_loss",
     "frame_losses",
     "multistep_multimask_loss",
@@ -280,7 +284,10 @@ def multistep_multimask_loss(
     t_, s_ = masks.shape[:2]
     if num_objects is None:
         num_objects = targets.shape[1]
-    num_objects = max(float(num_objects), 1.0)
+    if isinstance(num_objects, (int, float)):
+        num_objects = max(float(num_objects), 1.0)
+    else:  # a traced count (e.g. summed over devices)
+        num_objects = jnp.maximum(jnp.asarray(num_objects, jnp.float32), 1.0)
 
     def per_frame(m_t, i_t, o_t, tgt_t):
         per_step = jax.vmap(lambda m, i, o: frame_losses(m, i, o, tgt_t, num_objects, cfg))

@@ -32,7 +32,16 @@ Protocols (:func:`score`):
     *predicted* frames (frames, pairs, objects, takes without predictions are not
     scored; we report them as warnings); GT exists only when the target has the
     frame key *and* the mask is not empty; confidence = ``area > 0.001 * H * W``
-    of the predicted mask (merge_results), ``> 0.5``.
+    of the predicted mask (merge_results), ``> 0.5``; a merged JSON's own
+    ``confidence`` is used as is (compute_metrics reads it).
+    Not reproduced: merge_pred.py keeps only objects annotated in the *source camera of
+    the first pair folder in os.listdir order* (for exo->ego that drops objects lacking
+    that particular exo camera, depending on the file system); we keep every object
+    annotated in the pair's own cameras. Per-frame files are restricted to the source
+    camera's GT frame keys (merge_pred's ``f_ids``) only when the GT is the official
+    file; LM-EEC's own GT file does not carry the source frames. LM-EEC's GT file
+    (``gt_final_results_*.json``) is not in its repository: from the official GT we
+    squash the target masks to 480x480 with OpenCV INTER_NEAREST (our choice).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -632,6 +641,11 @@ def score_official(gt: Any, pred: Any, direction: str, *, subset: bool = False) 
 _PAIR_DIR = re.compile(r"^(?P<src>.+?)__(?P<tgt>.+)$")
 
 
+def _frame_order(name: str):
+    stem = name.rsplit(".", 1)[0]
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
 def _gt_pairs_official(ann: Dict[str, Any], direction: str) -> Dict[str, Dict[str, Dict[str, dict]]]:
     """{take: {obj: {"<src>_<tgt>": {"src": src, "tgt": tgt, "src_frames": set, "frames": {frame: rle}}}}}."""
     out: Dict[str, Dict[str, Dict[str, dict]]] = {}
@@ -721,7 +735,7 @@ def load_lmeec_predictions(path: str, ctx: Optional[_Ctx] = None, direction: Opt
                         odir = os.path.join(tdir, pd, obj)
                         if not os.path.isdir(odir):
                             continue
-                        for fn in sorted(os.listdir(odir)):
+                        for fn in sorted(os.listdir(odir), key=_frame_order):
                             if not fn.endswith(".json"):
                                 continue
                             fp = os.path.join(odir, fn)
@@ -824,7 +838,7 @@ def score_lmeec(gt: Any, pred: Any, direction: str) -> ScoreReport:
                     for frame, e in (frames or {}).items():
                         preds.setdefault(take, {}).setdefault(obj, {}).setdefault(pair, {})[frame] = {
                             "pred_mask": e.get("pred_mask") if isinstance(e, dict) else None,
-                            "confidence": None, "path": None}
+                            "confidence": e.get("confidence") if isinstance(e, dict) else None, "path": None}
         from_dir = False
     else:
         from_dir = os.path.isdir(os.fspath(pred))

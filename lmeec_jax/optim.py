@@ -192,8 +192,14 @@ def _check_patterns(names, patterns, what: str):
 
 
 def param_rules(params, cfg: OptimConfig = OptimConfig()) -> dict[str, ParamRule]:
-    """For every parameter (by torch name): lr group, layer scale, weight decay, lr range."""
-    names = params if isinstance(params, (list, tuple)) else param_names(params)
+    """For every parameter (by torch name): lr group, layer scale, weight decay, lr range.
+
+    ``params``: an ``nnx.State`` / nested dict / flat ``{name: array}`` dict, or a list of names.
+    """
+    if isinstance(params, (list, tuple)):
+        names = [param_name((n,)) for n in params]
+    else:
+        names = param_names(params)
     if len(set(names)) != len(names):
         raise ValueError("duplicate parameter names")
     if cfg.strict_patterns:

@@ -169,6 +169,13 @@ def test_raw_resolution_masks(raw_split):
         want = {"aria01": (1408, 1408), "cam01": (2160, 3840)}
         assert out["src_mask_hw"] in (None, want[recs[0].src_cam])
         assert out["tgt_mask_hw"] == want[recs[0].tgt_cam]
+    rec = max(E.list_train_videos(d, num_frames=1), key=lambda r: len(r.frames))
+    clip = E.load_clip_raw(d, rec)
+    T = len(rec.frames)
+    assert clip["src_frames"].shape == (T, 704, 704, 3) and clip["src_frames"].dtype == np.uint8
+    assert clip["tgt_frames"].shape == (T, 540, 960, 3)
+    assert clip["src_masks"].shape == (T, 1408, 1408) and clip["tgt_masks"].shape == (T, 2160, 3840)
+    assert clip["src_present"].all() and clip["tgt_present"].all() and clip["src_masks"][0].any()
 
 
 def test_resize_mask_matches_torch():

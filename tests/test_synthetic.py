@@ -173,3 +173,13 @@ def test_generation_speed(tmp_path):
     print(f"\n[synthetic] default take (16 frames, aria01 + cam01): {dt:.2f} s/take on 1 process "
           f"(load average {os.getloadavg()[0]:.1f})")
     assert dt < 30
+
+
+def test_cli(tmp_path):
+    from eval.__main__ import main as eval_main
+
+    assert eval_main(["make-synthetic", "--out", str(tmp_path), "--takes", "1", "--frames", "2", "--workers", "1",
+                      "--seed", "3"]) == 0
+    (take,) = open(tmp_path / "takes.txt").read().split()
+    assert take == S.take_uid(3, 0)
+    assert sorted(os.listdir(tmp_path / take / "aria01")) == ["0.jpg", "30.jpg"]

@@ -42,7 +42,6 @@ from pycocotools import mask as mask_utils
 from .images import (
     IMAGE_SIZE,
     DataError,
-    load_frame,
     open_rgb,
     normalize_uint8,
     resize_mask_nearest,
@@ -67,6 +66,7 @@ __all__ = [
     "list_train_videos",
     "decode_mask",
     "load_video",
+    "load_clip_raw",
     "iter_videos",
     "load_relations",
     "decode_relation_mask",
@@ -494,6 +494,51 @@ def load_video(
         src_mask_hw=src_mask_hw,
         tgt_mask_hw=tgt_mask_hw,
     )
+
+
+def load_clip_raw(
+    split_dir, rec: VideoRecord, indices: Optional[Sequence[int]] = None, annotation: Optional[dict] = None
+) -> dict:
+    """Frames ``rec.frames[i] for i in indices`` at their stored resolution, for training
+    augmentation: ``src_frames``/``tgt_frames`` uint8 (T, H, W, 3) (JPEG size) and
+    ``src_masks``/``tgt_masks`` uint8 (T, h, w) 0/1 at the annotation's resolution (raw
+    camera size in EgoExo4D, 2x / 4x the JPEG; zeros where the camera has no key), plus
+    ``src_present``/``tgt_present`` (T,) bool and ``frames``. DataError on bad input."""
+    take_dir = os.path.join(split_dir, rec.take)
+    ann_path = os.path.join(take_dir, ANNOTATION_FILE)
+    ann = annotation if annotation is not None else load_annotation(take_dir, rec.take)
+    obj_masks = ann["masks"].get(rec.obj) or {}
+    idx = list(range(len(rec.frames))) if indices is None else list(indices)
+    frames = [rec.frames[i] for i in idx]
+    out: Dict[str, Any] = {"frames": frames, "record": rec}
+    for role, cam in (("src", rec.src_cam), ("tgt", rec.tgt_cam)):
+        cam_ann = obj_masks.get(cam) or {}
+        imgs, masks, present = [], [], []
+        mask_hw = None
+        for f in frames:
+            ctx = dict(take=rec.take, camera=cam, frame=f)
+            img = np.asarray(open_rgb(os.path.join(take_dir, cam, f + ".jpg"), **ctx))
+            imgs.append(img)
+            if f in cam_ann:
+                m = decode_mask(cam_ann[f], path=ann_path, expect_hw=img.shape[:2], obj=rec.obj, **ctx)
+                if mask_hw is not None and m.shape != mask_hw:
+                    raise DataError(f"mask size {m.shape} differs from the camera's {mask_hw}", path=ann_path,
+                                    obj=rec.obj, **ctx)
+                mask_hw = m.shape
+                masks.append(m)
+                present.append(True)
+            else:
+                masks.append(None)
+                present.append(False)
+        if len({im.shape for im in imgs}) > 1:
+            raise DataError("frames of one camera differ in size", path=os.path.join(take_dir, cam),
+                            take=rec.take, camera=cam)
+        hw = mask_hw or (imgs[0].shape[:2] if imgs else (0, 0))
+        out[f"{role}_frames"] = np.stack(imgs) if imgs else np.zeros((0, 0, 0, 3), np.uint8)
+        out[f"{role}_masks"] = np.stack([m if m is not None else np.zeros(hw, np.uint8) for m in masks]) \
+            if masks else np.zeros((0,) + tuple(hw), np.uint8)
+        out[f"{role}_present"] = np.array(present, bool)
+    return out
 
 
 class EgoExoVideoSource:

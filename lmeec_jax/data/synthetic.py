@@ -11,7 +11,7 @@ primitive intersection, per-pixel z-buffer, so masks respect occlusion):
 * a person beside the table: body cylinder + head sphere (seen by the exo cameras
   only) and two hand spheres (seen by every camera, occluding objects);
 * an egocentric camera ``aria01`` at the person's eyes, walking a little and turning
-  the head (yaw sweep of +-30..65 deg, 90 deg field of view), so objects leave and
+  the head (yaw sweep of +-45..90 deg, 90 deg field of view), so objects leave and
   enter the ego view; frames 704x704;
 * ``n_exo`` fixed exocentric cameras ``cam01``, ``cam02``, ... around the table looking
   at it (50-65 deg horizontal field of view); frames 960x540.
@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import time
 import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
 

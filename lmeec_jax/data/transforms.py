@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -47,6 +47,7 @@ __all__ = [
     "hflip_clip",
     "affine_image",
     "affine_mask",
+    "random_affine",
     "resize_image",
     "resize_mask",
     "sample_jitter",

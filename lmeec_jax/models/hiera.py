@@ -143,9 +143,50 @@ class DropPath(nnx.Module):
         return self.dropout(x, deterministic=False, rngs=rngs)
 
 
+# Global attention at 1024 px has 4096 keys: an unchunked [B, h, 4096, 4096] logits tensor
+# (512 MB per image for base_plus) makes XLA:CPU memory-bound (~6x slower than torch's
+# flash kernel). On CPU, attention with more than this many logits per head is computed
+# one head and ``_Q_CHUNK`` queries at a time (sequential lax.map, cache-sized blocks).
+_CHUNK_MIN_LOGITS = 1 << 22
+_Q_CHUNK = 512
+
+
+def _attend_hm(q, k, v):
+    """Head-major core: q [..., Nq, d] (pre-scaled), k/v [..., Nk, d] -> [..., Nq, d].
+
+    Softmax in float32 with the normalisation applied after the PV product (one pass
+    fewer over the [Nq, Nk] matrix than softmax-then-matmul).
+    """
+    s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / denom).astype(v.dtype)
+
+
 def _attention(q, k, v):
-    """softmax(q kᵀ/√d) v; q [B, Nq, h, d], k/v [B, Nk, h, d] -> [B, Nq, h, d] (f32 softmax)."""
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    """softmax(q kᵀ/√d) v (torch SDPA); q [B, Nq, h, d], k/v [B, Nk, h, d] -> [B, Nq, h, d]."""
+    b, nq, nh, d = q.shape
+    nk = k.shape[1]
+    q = (q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)).transpose(0, 2, 1, 3)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    chunk = _Q_CHUNK
+    if jax.default_backend() == "cpu" and nq * nk >= _CHUNK_MIN_LOGITS:
+        nqp = -(-nq // chunk) * chunk  # pad queries to whole chunks (padded rows are dropped)
+        if nqp != nq:
+            q = jnp.pad(q, ((0, 0), (0, 0), (0, nqp - nq), (0, 0)))
+        qs = q.reshape(b * nh, nqp // chunk, chunk, d)
+        ks, vs = k.reshape(b * nh, nk, d), v.reshape(b * nh, nk, d)
+
+        def one_head(args):
+            qh, kh, vh = args
+            return jax.lax.map(lambda qc: _attend_hm(qc, kh, vh), qh)
+
+        o = jax.lax.map(one_head, (qs, ks, vs)).reshape(b, nh, nqp, d)[:, :, :nq]
+    else:
+        o = _attend_hm(q, k, v)
+    return o.transpose(0, 2, 1, 3)
 
 
 class MultiScaleAttention(nnx.Module):
