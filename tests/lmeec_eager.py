@@ -5,8 +5,10 @@ for the jitted fixed-slot ``lax.scan`` in ``lmeec_jax.models.lmeec``."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lmeec_jax.memory import EagerDualMemory
 from lmeec_jax.models.sam2 import get_1d_sine_pe
@@ -19,14 +21,17 @@ def eager_track(model, src_images, tgt_images, src_masks):
     T = len(src_images)
     em = EagerDualMemory(T, num_maskmem=cfg.num_maskmem, max_obj_ptrs=cfg.max_obj_ptrs_in_encoder)
     tpos = np.asarray(model.maskmem_tpos_enc[...]).reshape(cfg.num_maskmem, -1)
+    graphdef, params = nnx.split(model)
+    # image features are not what this oracle checks: compute them jitted
+    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).forward_image(x))
     outs = []
     for t in range(T):
         if not np.any(src_masks[t]):  # SPEC 9: skipped, nothing stored, index advances
             outs.append(None)
             continue
         g = em.gather(t)
-        fpn_t, pos_t = model.forward_image(jnp.asarray(tgt_images[t])[None])
-        fpn_s, _ = model.forward_image(jnp.asarray(src_images[t])[None])
+        fpn_t, pos_t = encode(params, jnp.asarray(tgt_images[t])[None])
+        fpn_s, _ = encode(params, jnp.asarray(src_images[t])[None])
         feat, pos = fpn_t[2], pos_t[2]
         _, h, w, C = feat.shape
         N = h * w

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.reference import max_err, numpy_state_dict, reference_model, to_nhwc, torch
 
@@ -62,11 +63,20 @@ def _torch_track(ref, frames, prompt):
 
 
 def _jax_track(model, frames, prompt):
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def fwd(params, x):
+        return nnx.merge(graphdef, params).forward_image(x)
+
+    @jax.jit
+    def step(params, s, f, p, t):
+        return track_step(nnx.merge(graphdef, params), s, t, f, p, mode="track", num_frames=len(frames))
+
     state = init_state(model, 1)
-    fwd = jax.jit(lambda x: model.forward_image(x))
     outs = []
     for t, img in enumerate(frames):
-        fpn, pos = fwd(jnp.asarray(img))
+        fpn, pos = fwd(params, jnp.asarray(img))
         if t == 0 and prompt == "points":
             state, o = track_step(model, state, 0, fpn, pos, mode="points", num_frames=len(frames),
                                   point_coords=jnp.array([[[200.0, 240.0]]]), point_labels=jnp.array([[1]], jnp.int32),
@@ -77,8 +87,7 @@ def _jax_track(model, frames, prompt):
             state, o = track_step(model, state, 0, fpn, pos, mode="mask", num_frames=len(frames),
                                   mask_inputs=jnp.asarray(m), is_init_cond_frame=True)
         else:
-            step = jax.jit(lambda s, f, p, t: track_step(model, s, t, f, p, mode="track", num_frames=len(frames)))
-            state, o = step(state, fpn, pos, t)
+            state, o = step(params, state, fpn, pos, t)
         outs.append(o)
     return outs
 

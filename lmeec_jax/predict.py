@@ -1,0 +1,675 @@
+"""Split-level LM-EEC inference: grouping, batching, the chunked jitted runner, outputs.
+
+What the reference does (``tools/correspondence_inference.py`` + ``sam2_correspondence_predictor.py``
+of LM-EEC), and what we keep:
+
+* videos = (take, source camera, target camera, object), listed by
+  :func:`lmeec_jax.data.egoexo.list_videos` exactly like the reference (frames = natural
+  sort of source JPEG names ∩ target annotation keys);
+* each video runs from a fresh memory state; a frame whose source GT mask is empty (or,
+  where the reference would crash, absent) is skipped: no output, no memory write, but the
+  frame index advances;
+* a processed frame's mask = low-res logits -> bilinear (align_corners=False) to 480x480
+  -> ``> 0``, written as ``<out>/<take>/<src>__<tgt>/<object>/<frame>.json`` holding the
+  pycocotools RLE ``{"size": [480, 480], "counts": str}`` (the reference encodes
+  ``mask_255 // 255`` of its single object id 255, i.e. the 0/1 mask). The reference writes
+  ``image_size`` squares; that is 480 for LM-EEC, and we write 480 for every model size so
+  that small test models are scorable by the same protocols.
+
+What we add:
+
+* batching: the objects of one camera pair with the *same* frame list run as one batch
+  of B objects (padded up to a bucket 1, 2, 4, ... ``max_objects``, or the given bucket
+  sizes; padding objects get
+  ``processed=False`` and change nothing, the per-object memory is vmapped);
+* chunking: a video runs K frames per jitted call (image encoder inside, ``lax.scan``
+  over the frames), the memory state carried between calls; the last chunk is padded
+  with ``processed=False`` frames. A split therefore compiles the model once per
+  batch bucket, whatever the video lengths;
+* prefetch: the next chunk's JPEGs and masks are decoded on a background thread while
+  the device works on the current one; the chunk's outputs are fetched once per chunk
+  (after the next chunk has been dispatched);
+* the official EvalAI submission (``predictions_<direction>.json``): for every take,
+  every object of its annotation, every (aria, exo) pair of the object and every
+  *source* GT frame key, ``{"pred_mask": RLE at the official shape, "confidence":
+  sigmoid(object score)}``; the official shape is the target GT's long side -> 480
+  (``int`` truncation: 480x480 aria, 270x480 exo), reached by upsampling the low-res
+  logits straight to it. Frames the model does not predict (skipped frames, source GT
+  frames outside the video's frame list, failed videos) get an empty mask with
+  confidence 0 because the official validator requires every source GT frame.
+* robustness: a bad frame file or mask skips only that video (or object) and is
+  reported with take / camera / frame; see :class:`PredictSummary`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmeec_jax.data import egoexo
+from lmeec_jax.data.egoexo import DataError, DataReport, VideoRecord
+from lmeec_jax.data.images import normalize_uint8, open_rgb, resize_mask_source
+from lmeec_jax.data.rle import encode_mask
+from lmeec_jax.memory import AUTOCAST
+from lmeec_jax.metrics import TASK_KEYS, official_eval_shape
+from lmeec_jax.models import lmeec
+
+OUT_SIZE = 480  # side of the per-frame masks (the reference's image_size for LM-EEC)
+DEFAULT_CHUNK = 8
+DEFAULT_MAX_OBJECTS = 8
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+__all__ = [
+    "OUT_SIZE",
+    "VideoBatch",
+    "group_videos",
+    "bucket_size",
+    "default_buckets",
+    "ChunkRunner",
+    "ChunkOut",
+    "BatchResult",
+    "run_batch",
+    "official_target_shape",
+    "PredictSummary",
+    "predict_split",
+    "load_predict_model",
+]
+
+
+# ============================================================================ grouping
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoBatch:
+    """Videos of one (take, source camera, target camera) that share their frame list."""
+
+    take: str
+    src_cam: str
+    tgt_cam: str
+    frames: Tuple[str, ...]
+    records: Tuple[VideoRecord, ...]
+
+    @property
+    def pair(self) -> str:
+        return f"{self.src_cam}__{self.tgt_cam}"
+
+
+def default_buckets(max_objects: int) -> Tuple[int, ...]:
+    """1, 2, 4, ... (powers of two below ``max_objects``) and ``max_objects``."""
+    if max_objects < 1:
+        raise ValueError("max_objects must be >= 1")
+    out, b = [], 1
+    while b < max_objects:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_objects,)
+
+
+def bucket_size(n: int, max_objects: int, buckets: Optional[Sequence[int]] = None) -> int:
+    """Smallest bucket >= n (``buckets``, default :func:`default_buckets`); a batch never
+    holds more than ``max_objects`` real objects."""
+    buckets = sorted(buckets) if buckets else default_buckets(max_objects)
+    if n < 1 or n > max_objects or n > buckets[-1]:
+        raise ValueError(f"batch of {n} objects does not fit max_objects={max_objects}, buckets={tuple(buckets)}")
+    return next(b for b in buckets if b >= n)
+
+
+def group_videos(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_OBJECTS) -> List[VideoBatch]:
+    """Batches of at most ``max_objects`` videos sharing (take, src, tgt, frames), in the
+    order of the first video of each group (so takes stay together)."""
+    if max_objects < 1:
+        raise ValueError("max_objects must be >= 1")
+    groups: Dict[tuple, List[VideoRecord]] = {}
+    for r in records:
+        groups.setdefault((r.take, r.src_cam, r.tgt_cam, tuple(r.frames)), []).append(r)
+    out = []
+    for (take, src, tgt, frames), recs in groups.items():
+        for i in range(0, len(recs), max_objects):
+            out.append(VideoBatch(take, src, tgt, frames, tuple(recs[i:i + max_objects])))
+    return out
+
+
+# ============================================================================ jitted chunk
+
+
+class ChunkOut(NamedTuple):
+    low_res_logits: Any  # [K, B, 4h, 4w] float32
+    masks: Any  # [K, B, OUT_SIZE, OUT_SIZE] bool
+    official_masks: Any  # [K, B, H', W'] bool (the official target shape)
+    confidence: Any  # [K, B] float32, sigmoid(object score)
+    processed: Any  # [K, B] bool
+
+
+_JIT_CACHE: Dict[tuple, Callable] = {}
+
+
+def _make_chunk_fn(graphdef, compute_dtype, diff_dtype):
+    """The heavy jitted step: image encoder + tracker over K frames (compiled per (K, B))."""
+
+    def fn(params, state, src_images, tgt_images, src_masks, processed, t0, num_frames):
+        model = nnx.merge(graphdef, params)
+        src = src_images.astype(compute_dtype)
+        tgt = tgt_images.astype(compute_dtype)
+        masks = src_masks.astype(compute_dtype)
+        state, out = lmeec.scan_chunk(model, state, src, tgt, masks, processed, t0, num_frames, diff_dtype=diff_dtype)
+        return state, (out.low_res_logits.astype(jnp.float32), out.object_score_logits.astype(jnp.float32),
+                       out.processed)
+
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "official_hw"))
+def _postprocess(low, scores, processed, *, out_size: int, official_hw: Tuple[int, int]) -> ChunkOut:
+    """SPEC point 8 on device: low-res logits -> bilinear -> ``> 0`` at OUT_SIZE² and at the
+    official target shape; confidence = sigmoid(object score). Light: its own small jit so a
+    new target shape does not recompile the model."""
+    m = lmeec.upsample_logits(low, (out_size, out_size)) > 0
+    if tuple(official_hw) == (out_size, out_size):
+        mo = m
+    else:
+        mo = lmeec.upsample_logits(low, tuple(official_hw)) > 0
+    return ChunkOut(low, m, mo, jax.nn.sigmoid(scores), processed)
+
+
+class ChunkRunner:
+    """The jitted per-chunk step for one model.
+
+    ``step(state, src [K,S,S,3], tgt [K,S,S,3], masks [K,B,S,S] uint8 0/1, processed [K,B],
+    t0, num_frames, official_hw)`` -> ``(state, ChunkOut)`` (device arrays; nothing is
+    fetched). The jitted model step is shared by every runner of the same model config and
+    dtype (so a test or a second split in the same process does not compile again) and
+    compiles once per (K, B), recorded in ``compiled``; the upsampling to the output shapes
+    is a separate small jit.
+    """
+
+    def __init__(self, model, dtype: str = "float32", out_size: int = OUT_SIZE):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.cfg = model.cfg
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.out_size = out_size
+        graphdef, params = nnx.split(model)
+        if self.dtype != jnp.float32:
+            params = jax.tree.map(
+                lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        self.params = params
+        # bf16 mirrors the reference's autocast, including its bf16 first compression
+        diff_dtype = AUTOCAST if self.dtype == jnp.bfloat16 else jnp.float32
+        key = (self.cfg, dtype)
+        if key not in _JIT_CACHE:
+            _JIT_CACHE[key] = _make_chunk_fn(graphdef, self.dtype, diff_dtype)
+        self._fn = _JIT_CACHE[key]
+        self.compiled: set = set()
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    def init_state(self, batch: int):
+        return lmeec.init_state(_ModelCfgShim(self.cfg), batch, dtype=self.dtype)
+
+    def step(self, state, src_images, tgt_images, src_masks, processed, t0: int, num_frames: int,
+             official_hw: Tuple[int, int]):
+        K, B = np.shape(processed)
+        self.compiled.add((int(K), int(B)))
+        state, (low, scores, proc) = self._fn(self.params, state, src_images, tgt_images, src_masks, processed,
+                                              np.int32(t0), np.int32(num_frames))
+        return state, _postprocess(low, scores, proc, out_size=self.out_size,
+                                   official_hw=tuple(int(v) for v in official_hw))
+
+
+class _ModelCfgShim:
+    """``lmeec.init_state`` only reads ``model.cfg``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+# ============================================================================ loading
+
+
+class _ChunkLoader:
+    """Decodes the frames and source masks of a batch, chunk by chunk.
+
+    Image errors (missing / corrupt JPEG) raise :class:`DataError` (the whole batch shares
+    the frames). A bad source mask fails only its object: ``failed[j]`` gets the error and
+    the object is fed as padding (``processed=False``) from then on.
+    """
+
+    def __init__(self, split_dir: str, batch: VideoBatch, annotation: dict, bucket: int, chunk: int,
+                 image_size: int):
+        self.split_dir = split_dir
+        self.batch = batch
+        self.bucket = bucket
+        self.chunk = chunk
+        self.S = image_size
+        self.take_dir = os.path.join(split_dir, batch.take)
+        self.ann_path = os.path.join(self.take_dir, egoexo.ANNOTATION_FILE)
+        masks = annotation["masks"]
+        self.src_ann = [((masks.get(r.obj) or {}).get(batch.src_cam) or {}) for r in batch.records]
+        self.failed: List[Optional[DataError]] = [None] * len(batch.records)
+        self.src_hw: Optional[Tuple[int, int]] = None
+        self.mask_hw: List[Optional[Tuple[int, int]]] = [None] * len(batch.records)
+        self.missing_src = 0  # frames without a source annotation key (reference crash; we skip)
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, math.ceil(len(self.batch.frames) / self.chunk))
+
+    def load(self, c: int):
+        """Inputs of chunk ``c``: src, tgt [K,S,S,3] float32; masks [K,B,S,S] uint8;
+        processed [K,B] bool; ``n`` real frames in the chunk."""
+        K, B, S = self.chunk, self.bucket, self.S
+        frames = self.batch.frames[c * K:(c + 1) * K]
+        src = np.zeros((K, S, S, 3), np.float32)
+        tgt = np.zeros((K, S, S, 3), np.float32)
+        masks = np.zeros((K, B, S, S), np.uint8)
+        processed = np.zeros((K, B), bool)
+        for k, f in enumerate(frames):
+            for role, cam, arr in (("src", self.batch.src_cam, src), ("tgt", self.batch.tgt_cam, tgt)):
+                path = os.path.join(self.take_dir, cam, f + ".jpg")
+                im = open_rgb(path, take=self.batch.take, camera=cam, frame=f)
+                if role == "src" and self.src_hw is None:
+                    self.src_hw = (im.height, im.width)
+                arr[k] = normalize_uint8(np.asarray(im.resize((S, S))))
+            for j, rec in enumerate(self.batch.records):
+                if self.failed[j] is not None:
+                    continue
+                ann = self.src_ann[j]
+                if f not in ann:
+                    self.missing_src += 1
+                    continue
+                try:
+                    m = egoexo.decode_mask(ann[f], path=self.ann_path, expect_hw=self.src_hw, take=rec.take,
+                                           camera=rec.src_cam, frame=f, obj=rec.obj)
+                    if self.mask_hw[j] is None:
+                        self.mask_hw[j] = m.shape
+                    elif m.shape != self.mask_hw[j]:
+                        raise DataError(f"mask size {m.shape} differs from the camera's {self.mask_hw[j]}",
+                                        path=self.ann_path, take=rec.take, camera=rec.src_cam, frame=f, obj=rec.obj)
+                except DataError as e:
+                    self.failed[j] = e
+                    processed[:, j] = False
+                    masks[:, j] = 0
+                    continue
+                if m.any():  # full-resolution emptiness decides (the reference's ego_masks)
+                    processed[k, j] = True
+                    masks[k, j] = resize_mask_source(m, S)
+        return src, tgt, masks, processed, len(frames)
+
+
+# ============================================================================ one batch
+
+
+@dataclasses.dataclass
+class ObjectPrediction:
+    """Predictions of one video: frame -> RLE / confidence for the processed frames."""
+
+    record: VideoRecord
+    masks: Dict[str, dict] = dataclasses.field(default_factory=dict)  # frame -> RLE at OUT_SIZE (or official)
+    official: Dict[str, dict] = dataclasses.field(default_factory=dict)  # frame -> RLE at the official shape
+    confidence: Dict[str, float] = dataclasses.field(default_factory=dict)
+    logits: Optional[Dict[str, np.ndarray]] = None  # frame -> low-res logits (keep_logits)
+    error: Optional[DataError] = None
+    n_skipped: int = 0  # frames not predicted (empty / missing source mask)
+
+
+@dataclasses.dataclass
+class BatchResult:
+    batch: VideoBatch
+    objects: List[ObjectPrediction]
+    error: Optional[Exception] = None  # the whole batch failed (frame file)
+    missing_src: int = 0
+    frames: int = 0  # frames of the video (per object)
+    processed: int = 0  # (object, frame) predictions
+
+
+def _encode(m: np.ndarray) -> dict:
+    return encode_mask(m)
+
+
+def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation: dict, *,
+              chunk: int = DEFAULT_CHUNK, bucket: Optional[int] = None,
+              official_hw: Tuple[int, int] = (OUT_SIZE, OUT_SIZE), frame_shape: str = "square",
+              keep_logits: bool = False, prefetch: bool = True, executor: Optional[cf.Executor] = None) -> BatchResult:
+    """Run one batch of videos chunk by chunk; returns their predictions (nothing written).
+
+    ``frame_shape``: ``"square"`` (per-frame masks at OUT_SIZE², the reference) or
+    ``"official"`` (per-frame masks at the official shape).
+    """
+    n_obj = len(batch.records)
+    B = bucket if bucket is not None else bucket_size(n_obj, max(n_obj, 1))
+    if B < n_obj:
+        raise ValueError(f"bucket {B} < {n_obj} objects")
+    loader = _ChunkLoader(split_dir, batch, annotation, B, chunk, runner.image_size)
+    objs = [ObjectPrediction(r, logits={} if keep_logits else None) for r in batch.records]
+    res = BatchResult(batch, objs, frames=len(batch.frames))
+    T = len(batch.frames)
+    own_exec = None
+    if prefetch and executor is None:
+        own_exec = executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch")
+
+    def consume(out: ChunkOut, c: int, n: int):
+        # one host fetch per chunk
+        proc = np.asarray(out.processed)
+        conf = np.asarray(out.confidence)
+        m = np.asarray(out.masks)
+        mo = m if tuple(official_hw) == (runner.out_size, runner.out_size) else np.asarray(out.official_masks)
+        low = np.asarray(out.low_res_logits) if keep_logits else None
+        for k in range(n):
+            f = batch.frames[c * chunk + k]
+            for j, o in enumerate(objs):
+                if loader.failed[j] is not None:
+                    continue
+                if not proc[k, j]:
+                    o.n_skipped += 1
+                    continue
+                off = _encode(mo[k, j])
+                o.official[f] = off
+                o.masks[f] = off if frame_shape == "official" else _encode(m[k, j])
+                o.confidence[f] = float(conf[k, j])
+                if keep_logits:
+                    o.logits[f] = low[k, j].copy()
+
+    try:
+        state = runner.init_state(B)
+        fut = executor.submit(loader.load, 0) if executor is not None else None
+        pending = None
+        for c in range(loader.num_chunks):
+            inputs = fut.result() if fut is not None else loader.load(c)
+            if c + 1 < loader.num_chunks:
+                fut = executor.submit(loader.load, c + 1) if executor is not None else None
+            src, tgt, masks, processed, n = inputs
+            state, out = runner.step(state, src, tgt, masks, processed, c * chunk, T, official_hw)
+            if pending is not None:
+                consume(*pending)  # the previous chunk, while this one runs
+            pending = (out, c, n)
+        if pending is not None:
+            consume(*pending)
+    except DataError as e:
+        res.error = e
+    finally:
+        if own_exec is not None:
+            own_exec.shutdown(wait=True, cancel_futures=True)
+    res.missing_src = loader.missing_src
+    for j, o in enumerate(objs):
+        o.error = loader.failed[j]
+        if res.error is None and o.error is None:
+            res.processed += len(o.masks)
+    return res
+
+
+# ============================================================================ official file helpers
+
+
+def _first_mask_size(cam_frames: Any) -> Optional[Tuple[int, int]]:
+    if isinstance(cam_frames, dict):
+        for rle in cam_frames.values():
+            size = rle.get("size") if isinstance(rle, dict) else None
+            if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+                return int(size[0]), int(size[1])
+    return None
+
+
+def official_target_shape(split_dir: str, take: str, annotation: dict, cam: str) -> Tuple[int, int]:
+    """Official evaluation shape of camera ``cam``: its GT mask size (any object) with the
+    long side -> 480 (``int`` truncation); else its JPEG size; else 480x480 for aria and
+    270x480 for an exo camera (the EgoExo4D sizes)."""
+    for cams in annotation.get("masks", {}).values():
+        if isinstance(cams, dict):
+            hw = _first_mask_size(cams.get(cam))
+            if hw is not None:
+                return official_eval_shape(*hw)
+    cam_dir = os.path.join(split_dir, take, cam)
+    if os.path.isdir(cam_dir):
+        try:
+            from PIL import Image
+
+            names = egoexo.camera_frames(cam_dir)
+            if names:
+                with Image.open(os.path.join(cam_dir, names[0] + ".jpg")) as im:
+                    return official_eval_shape(im.height, im.width)
+        except (OSError, ValueError):
+            pass
+    return (OUT_SIZE, OUT_SIZE) if egoexo.is_ego_camera(cam) else (270, OUT_SIZE)
+
+
+def _take_skeleton(annotation: dict, direction: str) -> Dict[str, Dict[str, Tuple[str, str, List[str]]]]:
+    """obj -> {"<src>_<tgt>": (src, tgt, source GT frame keys)} as the official validator walks it."""
+    out: Dict[str, Dict[str, Tuple[str, str, List[str]]]] = {}
+    for obj, cams in annotation["masks"].items():
+        pairs: Dict[str, Tuple[str, str, List[str]]] = {}
+        out[obj] = pairs
+        if not isinstance(cams, dict):
+            continue
+        egos = [c for c in cams if egoexo.is_ego_camera(c)]
+        exos = [c for c in cams if not egoexo.is_ego_camera(c)]
+        for ego in egos:
+            for exo in exos:
+                src, tgt = (ego, exo) if direction == "ego2exo" else (exo, ego)
+                pairs[f"{src}_{tgt}"] = (src, tgt, egoexo.natsorted((cams.get(src) or {}).keys()))
+    return out
+
+
+# ============================================================================ split
+
+
+@dataclasses.dataclass
+class PredictSummary:
+    direction: str
+    videos: int = 0  # videos listed
+    videos_written: int = 0
+    videos_failed: List[dict] = dataclasses.field(default_factory=list)
+    takes_failed: List[dict] = dataclasses.field(default_factory=list)
+    frames: int = 0  # (video, frame) steps of the written videos, skipped frames included
+    frames_predicted: int = 0
+    frames_skipped: int = 0  # empty or missing source mask
+    missing_src_frames: int = 0
+    official_filled: int = 0  # official entries without a prediction (empty mask, confidence 0)
+    seconds: float = 0.0
+    compiled: List[tuple] = dataclasses.field(default_factory=list)
+    official_path: Optional[str] = None
+    empty_videos: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.videos_failed and not self.takes_failed
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(ok=self.ok, fps=self.fps)
+        return d
+
+    def lines(self) -> List[str]:
+        out = [
+            f"{self.videos_written}/{self.videos} videos, {self.frames} frames ({self.frames_predicted} predicted, "
+            f"{self.frames_skipped} skipped: empty/missing source mask) in {self.seconds:.1f} s: "
+            f"{self.fps:.2f} frames/s (object-frames, compilation included; {len(self.compiled)} compiled shapes)",
+        ]
+        if self.missing_src_frames:
+            out.append(f"{self.missing_src_frames} frame(s) had no source annotation (the reference crashes there); "
+                       "they were skipped")
+        if self.official_path:
+            out.append(f"official submission: {self.official_path} ({self.official_filled} entries without a "
+                       "prediction got an empty mask with confidence 0)")
+        for p in self.takes_failed:
+            out.append(f"  take skipped: {p.get('take')}: {p['error']}")
+        for p in self.videos_failed:
+            out.append(f"  video skipped: {p.get('video')}: {p['error']}")
+        if self.ok:
+            out.append("OK: nothing skipped")
+        else:
+            out.append(f"FAILED: {len(self.videos_failed)} video(s) and {len(self.takes_failed)} take(s) skipped "
+                       "because of bad input (see above)")
+        return out
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def write_video(out_dir: str, pred: ObjectPrediction) -> str:
+    """``<out>/<take>/<src>__<tgt>/<object>/<frame>.json`` for each predicted frame (the
+    directory is created even if every frame was skipped, as the reference does)."""
+    rec = pred.record
+    vdir = os.path.join(out_dir, rec.take, rec.pair, rec.obj)
+    os.makedirs(vdir, exist_ok=True)
+    for f, rle in pred.masks.items():
+        with open(os.path.join(vdir, f + ".json"), "w") as fp:
+            json.dump(rle, fp)
+    return vdir
+
+
+def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk: int = DEFAULT_CHUNK,
+                  max_objects: int = DEFAULT_MAX_OBJECTS, buckets: Optional[Sequence[int]] = None,
+                  takes: Optional[Sequence[str]] = None,
+                  official_shape_frames: bool = False, dtype: str = "float32", progress: bool = True,
+                  runner: Optional[ChunkRunner] = None, log: Callable[[str], None] = print,
+                  prefetch: bool = True) -> PredictSummary:
+    """Predict every video of ``split_dir`` for ``direction`` and write the per-frame JSONs
+    and ``out_dir/predictions_<direction>.json``. Returns the summary (see ``.ok``)."""
+    egoexo.check_direction(direction)
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    if buckets:
+        buckets = sorted(set(int(b) for b in buckets))
+        if buckets[0] < 1 or buckets[-1] < max_objects:
+            raise ValueError(f"batch buckets {buckets} must be >= 1 and reach max_objects={max_objects}")
+    split_dir = os.fspath(split_dir)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    runner = runner if runner is not None else ChunkRunner(model, dtype)
+    summary = PredictSummary(direction)
+    report = DataReport()
+    t_start = time.perf_counter()
+
+    take_names = egoexo.list_split_takes(split_dir, takes)
+    results: Dict[str, Any] = {}
+    # listing (per take, so one bad annotation costs one take)
+    per_take: List[Tuple[str, dict, List[VideoRecord]]] = []
+    for take in take_names:
+        try:
+            ann = egoexo.load_annotation(os.path.join(split_dir, take), take)
+            recs = egoexo.list_take_videos(split_dir, take, direction, annotation=ann, report=report)
+        except DataError as e:
+            report.add(e, take=take)
+            summary.takes_failed.append({"take": take, "error": str(e)})
+            continue
+        per_take.append((take, ann, recs))
+    summary.videos = sum(len(r) for _, _, r in per_take)
+    summary.empty_videos = list(report.empty_videos)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=summary.videos, desc=f"predict {direction}", unit="video", dynamic_ncols=True)
+    say = (lambda s: bar.write(s)) if bar is not None else log
+    executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch") if prefetch else None
+    try:
+        for take, ann, recs in per_take:
+            skeleton = _take_skeleton(ann, direction)
+            shapes: Dict[str, Tuple[int, int]] = {}
+
+            def shape_of(cam):
+                if cam not in shapes:
+                    shapes[cam] = official_target_shape(split_dir, take, ann, cam)
+                return shapes[cam]
+
+            preds: Dict[Tuple[str, str], ObjectPrediction] = {}  # (obj, "<src>_<tgt>") -> prediction
+            for batch in group_videos(recs, max_objects):
+                B = bucket_size(len(batch.records), max_objects, buckets)
+                res = run_batch(runner, split_dir, batch, ann, chunk=chunk, bucket=B,
+                                official_hw=shape_of(batch.tgt_cam),
+                                frame_shape="official" if official_shape_frames else "square",
+                                executor=executor, prefetch=prefetch)
+                summary.missing_src_frames += res.missing_src
+                for o in res.objects:
+                    err = res.error or o.error
+                    if err is not None:
+                        entry = {"video": o.record.key, "take": take, "error": str(err)}
+                        if isinstance(err, DataError):
+                            entry.update(camera=err.camera, frame=err.frame, path=err.path)
+                        summary.videos_failed.append(entry)
+                        report.add(err, take=take, video=o.record.key)
+                        say(f"skipping video {o.record.key}: {err}")
+                        continue
+                    write_video(out_dir, o)
+                    preds[(o.record.obj, f"{o.record.src_cam}_{o.record.tgt_cam}")] = o
+                    summary.videos_written += 1
+                    summary.frames += len(batch.frames)
+                    summary.frames_predicted += len(o.masks)
+                    summary.frames_skipped += o.n_skipped
+                if bar is not None:
+                    bar.update(len(batch.records))
+            # official entry of this take
+            masks_out: Dict[str, Any] = {}
+            empty_cache: Dict[Tuple[int, int], dict] = {}
+            for obj, pairs in skeleton.items():
+                mo: Dict[str, Any] = {}
+                masks_out[obj] = mo
+                for pair, (src, tgt, src_frames) in pairs.items():
+                    hw = shape_of(tgt)
+                    p = preds.get((obj, pair))
+                    fr: Dict[str, Any] = {}
+                    for f in src_frames:
+                        if p is not None and f in p.official:
+                            fr[f] = {"pred_mask": p.official[f], "confidence": p.confidence[f]}
+                        else:
+                            if hw not in empty_cache:
+                                empty_cache[hw] = encode_mask(np.zeros(hw, np.uint8))
+                            fr[f] = {"pred_mask": empty_cache[hw], "confidence": 0.0}
+                            summary.official_filled += 1
+                    mo[pair] = fr
+            results[take] = {"masks": masks_out, "subsample_idx": list(ann.get("subsample_idx") or [])}
+    finally:
+        if bar is not None:
+            bar.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    official = {TASK_KEYS[direction]: {"version": "xx", "challenge": "xx", "results": results}}
+    path = os.path.join(out_dir, f"predictions_{direction}.json")
+    _write_json(path, official)
+    summary.official_path = path
+    summary.seconds = time.perf_counter() - t_start
+    summary.compiled = sorted(runner.compiled)
+    _write_json(os.path.join(out_dir, f"predict_report_{direction}.json"),
+                {"summary": summary.to_json(), "data_report": report.to_json()})
+    return summary
+
+
+# ============================================================================ model loading
+
+
+def load_predict_model(checkpoint: str, seed: int = 0):
+    """``DIR`` written by ``python -m convert`` / ``save_model``, or ``random:<config-name>``
+    (random weights). Returns (model, cfg)."""
+    if checkpoint.startswith("random:"):
+        from lmeec_jax.config import get_config
+        from lmeec_jax.models.sam2 import build_model
+
+        cfg = get_config(checkpoint.split(":", 1)[1])
+        return build_model(cfg, seed=seed), cfg
+    from lmeec_jax.checkpoint import load_model
+
+    return load_model(checkpoint, seed=seed)
