@@ -2,8 +2,8 @@
 
     python benchmarks/bench_image_encoder.py [--quick] [--sizes 480,1024] [--batches 1,4]
 
-Both run float32 on the CPU in the same process, one after the other for each setting,
-with the same random weights. Torch gets ``torch.set_num_threads(--threads)`` (default:
+Both run float32 on the CPU in the same process with the same random weights; the torch
+and JAX calls alternate (so load from other processes hits both alike). Torch gets ``torch.set_num_threads(--threads)`` (default:
 the number of cores, which is the size of XLA's CPU thread pool) and runs under
 ``torch.inference_mode``. Warm-up calls (incl. jit compilation) are excluded; the table
 shows the median ms per call and the ratio torch/jax (> 1: JAX is faster).
@@ -24,15 +24,23 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 
-def _median_ms(fn, repeats: int, warmup: int) -> float:
+def _timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _interleaved_median_ms(fns: dict, repeats: int, warmup: int) -> dict:
+    """Median ms per call of each fn; the fns alternate call by call so that load from
+    other processes on a shared CPU hits all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        for k, fn in fns.items():
+            times[k].append(_timed_ms(fn))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv=None):
@@ -41,11 +49,11 @@ def main(argv=None):
     ap.add_argument("--sizes", default="480,1024")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 warm-up call and 2 timed calls per setting")
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args(argv)
-    repeats, warmup = (2, 1) if args.quick else (args.repeats, 2)
+    repeats, warmup = (2, 1) if args.quick else (args.repeats, 1)
 
     import torch
     from tests.reference import numpy_state_dict, reference_model, to_nchw
@@ -67,10 +75,9 @@ def main(argv=None):
             x = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
             xj = jnp.asarray(x)
             t0 = time.perf_counter()
-            jax.block_until_ready(fwd(model, xj))
+            jax.block_until_ready(fwd(model, xj))  # compilation
             compile_s = time.perf_counter() - t0
-            jax_ms = _median_ms(lambda: jax.block_until_ready(fwd(model, xj)), repeats, warmup - 1)
-            torch_ms = float("nan")
+            fns = {"jax": lambda: jax.block_until_ready(fwd(model, xj))}
             if not args.skip_torch:
                 xt = to_nchw(x)
 
@@ -78,7 +85,9 @@ def main(argv=None):
                     with torch.inference_mode():
                         ref(xt)
 
-                torch_ms = _median_ms(run_torch, repeats, warmup)
+                fns["torch"] = run_torch
+            ms = _interleaved_median_ms(fns, repeats, warmup)
+            jax_ms, torch_ms = ms["jax"], ms.get("torch", float("nan"))
             rows.append((image_size, batch, torch_ms, jax_ms, compile_s))
             print(f"  {image_size} b{batch}: torch {torch_ms:.0f} ms, jax {jax_ms:.0f} ms "
                   f"(first call {compile_s:.1f} s)", flush=True)

@@ -366,7 +366,8 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
         proc = np.asarray(out.processed)
         conf = np.asarray(out.confidence)
         m = np.asarray(out.masks)
-        mo = m if tuple(official_hw) == (runner.out_size, runner.out_size) else np.asarray(out.official_masks)
+        same = tuple(official_hw) == (runner.out_size, runner.out_size)
+        mo = m if same else np.asarray(out.official_masks)
         low = np.asarray(out.low_res_logits) if keep_logits else None
         for k in range(n):
             f = batch.frames[c * chunk + k]
@@ -378,7 +379,7 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
                     continue
                 off = _encode(mo[k, j])
                 o.official[f] = off
-                o.masks[f] = off if frame_shape == "official" else _encode(m[k, j])
+                o.masks[f] = off if (same or frame_shape == "official") else _encode(m[k, j])
                 o.confidence[f] = float(conf[k, j])
                 if keep_logits:
                     o.logits[f] = low[k, j].copy()

@@ -106,6 +106,19 @@ def test_window_partition_roundtrip_and_pool():
         np.testing.assert_array_equal(max_pool2d(x, (k, k), (k, k)), ref)
 
 
+def test_chunked_attention_matches_plain():
+    """The CPU query-chunked path (long global attention) equals plain softmax attention,
+    including a query count that is not a multiple of the chunk."""
+    from lmeec_jax.models import hiera
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, 8)), jnp.float32) for n in (1000, 4500, 4500))
+    assert q.shape[1] * k.shape[1] >= hiera._CHUNK_MIN_LOGITS
+    err = max_err(jax.jit(hiera._attention)(q, k, v), jax.nn.dot_product_attention(q, k, v))
+    print(f"\n[chunked attention] err={err:.2e}")
+    assert err < 1e-5
+
+
 def test_pos_embed_bicubic():
     """Background position embedding: torch bicubic (a=-0.75) vs jax 'bicubic-pytorch'."""
     ref = reference_model("base_plus", 480).image_encoder.trunk

@@ -73,7 +73,7 @@ def _smooth_image(rng, hw, low=(12, 16)):
     return np.asarray(Image.fromarray(base).resize((hw[1], hw[0]), Image.BILINEAR))
 
 
-def _write_clip(root: Path, rng) -> dict:
+def _write_clip(root: Path, rng, T=T, skipped=SKIPPED, vanishing=VANISHING) -> dict:
     from PIL import Image
 
     names = [str(30 * i) for i in range(T)]
@@ -89,9 +89,9 @@ def _write_clip(root: Path, rng) -> dict:
         g = np.roll(tgt0, (-2 * t, 4 * t), axis=(0, 1)).astype(np.int16) + rng.integers(-12, 13, tgt0.shape)
         Image.fromarray(np.clip(s, 0, 255).astype(np.uint8)).save(root / "src" / f"{n}.jpg", quality=95)
         Image.fromarray(np.clip(g, 0, 255).astype(np.uint8)).save(root / "tgt" / f"{n}.jpg", quality=95)
-        if t in SKIPPED:
+        if t in skipped:
             continue
-        if t == VANISHING:
+        if t == vanishing:
             masks[t, mh // 2, mw // 3] = True
             continue
         cy, cx = mh * (0.3 + 0.015 * t), mw * (0.6 - 0.01 * t)
@@ -113,21 +113,31 @@ def _driver(*args, timeout=1800):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def reference(tmp_path_factory):
+    """(checkout, work dir, checkpoint): LM-EEC (tiny trunk) with random weights, saved by
+    the reference itself."""
     ref = _reference_dir()
     root = tmp_path_factory.mktemp("lmeec_ref")
-    clip = _write_clip(root / "clip", np.random.default_rng(SEED))
     ckpt = root / "lmeec_tiny_random.pt"
-    common = ["--ref", ref, "--image-size", str(IMAGE_SIZE)]
-    _driver("build", *common, "--out", str(ckpt), "--seed", str(SEED),
+    _driver("build", "--ref", ref, "--image-size", str(IMAGE_SIZE), "--out", str(ckpt), "--seed", str(SEED),
             "--obj-weight-scale", str(OBJ_WEIGHT_SCALE), "--obj-bias", str(OBJ_BIAS))
+    return ref, root, ckpt
+
+
+@pytest.fixture(scope="module")
+def run(reference):
+    ref, root, ckpt = reference
+    clip = _write_clip(root / "clip", np.random.default_rng(SEED))
     out = root / "reference_out.npz"
-    _driver("run", *common, "--ckpt", str(ckpt), "--data", str(root / "clip"), "--out", str(out))
+    _driver("run", "--ref", ref, "--image-size", str(IMAGE_SIZE), "--ckpt", str(ckpt), "--data", str(root / "clip"),
+            "--out", str(out))
     refo = dict(np.load(out))
-    return {"root": root, "clip": clip, "ckpt": ckpt, "ref": refo, "ours": _run_ours(root, clip, ckpt)}
+    return {"root": root, "clip": clip, "ckpt": ckpt, "ref": refo,
+            "ours": _run_ours(root / "clip", clip, ckpt, IMAGE_SIZE, CHUNK)}
 
 
-def _run_ours(root, clip, ckpt):
+def _run_ours(clip_dir, clip, ckpt, image_size, chunk):
+    """Our loaders + the jitted ``scan_chunk`` over the clip, ``chunk`` frames per call."""
     import jax
     from flax import nnx
 
@@ -138,26 +148,27 @@ def _run_ours(root, clip, ckpt):
     from lmeec_jax.models.sam2 import build_model
     from lmeec_jax.weights import load_state_dict
 
-    cfg = get_config("sam2.1_hiera_t", image_size=IMAGE_SIZE, mv_moe=True, dynamic_multimask_via_stability=False)
+    cfg = get_config("sam2.1_hiera_t", image_size=image_size, mv_moe=True, dynamic_multimask_via_stability=False)
     model = build_model(cfg, abstract=True)
     assert load_state_dict(model, read_torch_state_dict(ckpt)) == []  # strict: every tensor used
     names = clip["names"]
-    src = load_frames([root / "clip" / "src" / f"{n}.jpg" for n in names], IMAGE_SIZE)
-    tgt = load_frames([root / "clip" / "tgt" / f"{n}.jpg" for n in names], IMAGE_SIZE)
+    n = len(names)
+    src = load_frames([clip_dir / "src" / f"{f}.jpg" for f in names], image_size)
+    tgt = load_frames([clip_dir / "tgt" / f"{f}.jpg" for f in names], image_size)
     # LM-EEC runs a frame iff its *full-resolution* source mask is non-empty (I 225-238, P 787)
-    processed = clip["masks"].reshape(T, -1).any(-1)
-    masks = np.stack([resize_mask_source(m, IMAGE_SIZE) for m in clip["masks"]]).astype(np.float32)
+    processed = clip["masks"].reshape(n, -1).any(-1)
+    masks = np.stack([resize_mask_source(m, image_size) for m in clip["masks"]]).astype(np.float32)
 
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def step(params, state, s, g, m, p, t0):
-        return lmeec.scan_chunk(nnx.merge(graphdef, params), state, s, g, m, p, t0, T)
+        return lmeec.scan_chunk(nnx.merge(graphdef, params), state, s, g, m, p, t0, n)
 
     state = lmeec.init_state(model, 1)
     lows, scores = [], []
-    for t0 in range(0, T, CHUNK):
-        sl = slice(t0, t0 + CHUNK)
+    for t0 in range(0, n, chunk):
+        sl = slice(t0, t0 + chunk)
         state, out = step(params, state, src[sl], tgt[sl], masks[sl][:, None], processed[sl][:, None], t0)
         lows.append(np.asarray(out.low_res_logits[:, 0]))
         scores.append(np.asarray(out.object_score_logits[:, 0]))
@@ -165,8 +176,16 @@ def _run_ours(root, clip, ckpt):
     return {
         "src_images": src, "tgt_images": tgt, "src_mask": masks, "processed": processed,
         "low_res": low, "score": np.concatenate(scores),
-        "mask": np.asarray(lmeec.upsample_logits(low, (IMAGE_SIZE, IMAGE_SIZE))) > 0,
+        "mask": np.asarray(lmeec.upsample_logits(low, (image_size, image_size))) > 0,
     }
+
+
+def _errors(ref, ours, frames):
+    """Per frame: max |low-res logit| error, |object score| error, output-mask pixels differing."""
+    el = np.abs(ref["low_res"][frames].astype(np.float64) - ours["low_res"][frames]).max(axis=(1, 2))
+    es = np.abs(ref["score"][frames].astype(np.float64) - ours["score"][frames])
+    md = (ref["mask"][frames] != ours["mask"][frames]).sum(axis=(1, 2))
+    return el, es, md
 
 
 def test_inputs_match(run):
@@ -204,10 +223,8 @@ def test_bank_schedule(run):
 def test_tracker_matches_reference(run):
     ref, ours = run["ref"], run["ours"]
     p = ref["processed"]
-    err_low = np.abs(ref["low_res"][p].astype(np.float64) - ours["low_res"][p]).max(axis=(1, 2))
-    err_score = np.abs(ref["score"][p].astype(np.float64) - ours["score"][p])
-    mask_diff = (ref["mask"][p] != ours["mask"][p]).sum(axis=(1, 2))
     frames = np.flatnonzero(p)
+    err_low, err_score, mask_diff = _errors(ref, ours, frames)
     report = "\n".join(
         f"t={t:2d} bank={ref['n_bank'][t]} score ref {ref['score'][t]:+.3f} |dlogit|={el:.2e} "
         f"|dscore|={es:.2e} mask px diff={md}"
@@ -225,3 +242,64 @@ def test_tracker_matches_reference(run):
     assert err_low.max() < 1e-3 * scale, (err_low.max(), scale)
     assert err_score.max() < 1e-3
     assert mask_diff.max() <= 16  # only pixels whose logit is within float noise of 0
+
+
+# A clip whose bank is empty when compression starts: frames 0-5 processed, 6-11 skipped, then
+# 12 is the 7th processed frame with an empty window, and at 13 the reference appends frame 12
+# to the empty carried list and compresses a 1-entry bank (sam2_base.py 883-905, 1810-1811).
+CRASH_T, CRASH_SKIPPED, CRASH_FRAME = 14, tuple(range(6, 12)), 13
+CRASH_IMAGE_SIZE = 256  # the memory logic does not depend on the size; keep this run cheap
+
+
+def test_reference_crash_on_empty_bank_is_reported(reference):
+    """The reference raises on a 1-entry compression; lmeec_jax keeps the bank empty and
+    reports it (``EagerDualMemory`` raises ``ReferenceCrash``, ``advance`` sets
+    ``StepInfo.ref_would_crash``) at the same frame."""
+    import jax.numpy as jnp
+
+    from lmeec_jax import memory as mem
+
+    ref_dir, work, ckpt = reference
+    root = work / "crash"
+    clip = _write_clip(root, np.random.default_rng(1), T=CRASH_T, skipped=CRASH_SKIPPED, vanishing=None)
+    out = root / "reference_out.npz"
+    _driver("run", "--ref", ref_dir, "--image-size", str(CRASH_IMAGE_SIZE), "--ckpt", str(ckpt),
+            "--data", str(root), "--out", str(out), "--allow-error")
+    ref = dict(np.load(out))
+    assert int(ref["error_frame"]) == CRASH_FRAME, (ref["error_frame"], ref["error"])
+    assert str(ref["error"]).startswith("IndexError"), ref["error"]
+    assert "min()" in str(ref["error"])  # torch.min over the empty T-1 = 0 axis (B 1811)
+    assert list(np.flatnonzero(ref["processed"])) == [0, 1, 2, 3, 4, 5, 12]
+    assert ref["n_bank"][12] == 0
+
+    # Until the crash both agree; with num_frames = 14 < 16 this also checks the pointer
+    # temporal encoding normalised by min(num_frames, 16) - 1 = 13 (B 916, 947-951).
+    ours = _run_ours(root, clip, ckpt, CRASH_IMAGE_SIZE, CRASH_T)
+    done = np.flatnonzero(ref["processed"])
+    err_low, err_score, mask_diff = _errors(ref, ours, done)
+    print(f"crash clip, frames {done.tolist()}: max |low-res logit| err {err_low.max():.3e}, "
+          f"max |object score| err {err_score.max():.3e}, mask pixels differing {mask_diff.max()}")
+    scale = max(1.0, float(np.abs(ref["low_res"][done][ref["low_res"][done] > -1000]).max(initial=0)))
+    assert err_low.max() < 1e-3 * scale and err_score.max() < 1e-3
+    assert np.abs(ref["score"][done]).min() > 1e-2
+    assert mask_diff.max() <= 16
+
+    processed = [t not in CRASH_SKIPPED for t in range(CRASH_T)]
+    em = mem.EagerDualMemory(CRASH_T)
+    f = np.ones((4, 2), np.float32)
+    state = mem.init_state(4, 2, 8)
+    crash_eager = crash_scan = None
+    for t in range(CRASH_T):
+        state, info = mem.advance(state, t, processed[t])
+        if bool(info.ref_would_crash) and crash_scan is None:
+            crash_scan = t
+        if processed[t]:
+            state = mem.commit(state, t, jnp.asarray(f), jnp.asarray(f), jnp.asarray(f), jnp.asarray(f),
+                               jnp.zeros(8), True)
+            if crash_eager is None:
+                try:
+                    em.gather(t)
+                    em.store(t, f, f, f, f, np.zeros(8, np.float32))
+                except mem.ReferenceCrash:
+                    crash_eager = t
+    assert crash_eager == CRASH_FRAME and crash_scan == CRASH_FRAME

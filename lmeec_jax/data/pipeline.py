@@ -244,6 +244,10 @@ def make_iterator(ds: grain.MapDataset, *, workers: int = 0, worker_buffer: int 
     ``threads`` threads and, if ``workers`` > 0, in that many worker processes."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=max(prefetch, 1)))
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                                per_worker_buffer_size=worker_buffer))
     return iter(it_ds)

@@ -50,7 +50,11 @@ class MLP(nnx.Module):
 
 
 def layer_norm_2d(num_channels: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
-    """sam2_utils.LayerNorm2d: a channel LayerNorm (eps 1e-6); in NHWC it is a plain LayerNorm."""
+    """sam2_utils.LayerNorm2d: a channel LayerNorm (eps 1e-6); in NHWC it is a plain LayerNorm.
+
+    Two-pass variance as torch: flax's default fast variance (E[x²] − E[x]²) loses precision
+    when the mean is large against the spread (memory encoder: 1.6e-5 -> 5.7e-6 vs torch).
+    """
     return nnx.LayerNorm(num_channels, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 

@@ -18,20 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmeec_jax.models.common import Activation, Identity, conv2d
+from lmeec_jax.models.common import Activation, Identity, conv2d, layer_norm_2d
 from lmeec_jax.models.position_encoding import PositionEmbeddingSine
 
 __all__ = ["MaskDownSampler", "CXBlock", "Fuser", "MemoryEncoder"]
-
-
-def layer_norm_2d(num_channels: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
-    """LayerNorm2d over channels (NHWC) with torch's two-pass variance.
-
-    flax's default ``use_fast_variance`` (E[x²] − E[x]²) loses precision when the mean is
-    large against the spread, as after the first mask conv on ±10 masks over 4 channels
-    (measured: 1.6e-5 → 5.7e-6 max error of the memory features vs torch).
-    """
-    return nnx.LayerNorm(num_channels, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 def _activation_name(activation) -> str:

@@ -103,7 +103,7 @@ class TrainSection:
     async_checkpointing: bool = True
     log_data: bool = False  # write each step's clip ids to metrics.jsonl
     fail_on_nonfinite: bool = True  # stop at a NaN/inf loss (keeping the last good checkpoint)
-    debug_nan_step: Optional[int] = None  # testing: make this step's loss NaN
+    debug_nan_step: Optional[int] = None  # testing: feed NaN images at this step (0-based)
 
 
 @dataclass(frozen=True)

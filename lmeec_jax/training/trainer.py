@@ -1,0 +1,403 @@
+"""The training loop: state, the jitted data-parallel train step, checkpoints, validation.
+
+State (one pytree, replicated over the ``data`` mesh axis, donated to the step):
+``{"step", "params", "opt_state", "rest"}`` — float32 parameters, the optax state of
+:func:`lmeec_jax.optim.make_optimizer`, and the model's non-trainable buffers. Dropout and
+drop-path keys are not state: step ``s`` reseeds every stream from ``(seed, s)``, so a
+resumed run draws the same masks as an uninterrupted one.
+
+The global batch (``batch_size`` clips per device) is split over the ``data`` axis; the loss
+is computed once over the global batch (``num_objects`` = global clip count), which gives
+the reference's DDP gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmeec_jax import checkpoint as model_ckpt
+from lmeec_jax.checkpointing import Checkpointer, abstract_like
+from lmeec_jax.config import get_config
+from lmeec_jax.data import egoexo
+from lmeec_jax.data.pipeline import ClipSpec, make_iterator, make_train_dataset, steps_per_epoch
+from lmeec_jax.data.transforms import AugmentConfig
+from lmeec_jax.losses import multistep_multimask_loss
+from lmeec_jax.models import lmeec_train as LT
+from lmeec_jax.models.sam2 import build_model
+from lmeec_jax.optim import cosine_schedule, make_optimizer, param_names
+from lmeec_jax.training.config import Config, save_config, to_dict
+from lmeec_jax.weights import load_state_dict
+
+__all__ = ["Trainer", "NonFiniteLoss", "setup_runtime", "make_mesh", "make_train_step", "build_train_model",
+           "prepare_synthetic"]
+
+BATCH_KEYS = ("src_images", "tgt_images", "src_masks", "tgt_masks")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+_RUNTIME_DONE = False
+
+
+def setup_runtime(rcfg) -> None:
+    """Multi-host init and the persistent compilation cache (once per process)."""
+    global _RUNTIME_DONE
+    if _RUNTIME_DONE:
+        return
+    if rcfg.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    if rcfg.compilation_cache:
+        os.makedirs(rcfg.compilation_cache, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(rcfg.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    _RUNTIME_DONE = True
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+    devices = jax.devices()
+    if num_devices is not None:
+        if num_devices > len(devices):
+            raise ValueError(f"{num_devices} devices requested, {len(devices)} available")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_synthetic(cfg: Config, workdir: Path, log=print) -> tuple[str, str]:
+    """Generate (idempotently) the synthetic train/val splits; returns their directories."""
+    from lmeec_jax.data.synthetic import make_synthetic_split
+
+    sc = cfg.data.synthetic
+    root = Path(sc.dir) if sc.dir else workdir / "data"
+    train_dir, val_dir = root / "train", root / "val"
+    t0 = time.time()
+    make_synthetic_split(train_dir, sc.train_takes, seed=sc.seed, n_frames=sc.n_frames, workers=sc.workers,
+                         raw_masks=sc.raw_masks, split_name="train")
+    make_synthetic_split(val_dir, sc.val_takes, seed=sc.seed + 1_000_003, n_frames=sc.n_frames, workers=sc.workers,
+                         raw_masks=sc.raw_masks, split_name="val")
+    log(f"synthetic data ready in {root} ({sc.train_takes} train / {sc.val_takes} val takes, {time.time() - t0:.0f} s)")
+    return str(train_dir), str(val_dir)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_train_model(cfg: Config, log=print):
+    """The model of ``cfg.model``: random init from ``seed``, then ``init_from`` (strict, except
+    the ``fresh`` prefixes). Returns (model, ModelConfig)."""
+    mc = cfg.model
+    overrides = dict(mc.overrides)
+    if mc.drop_path_rate is not None:
+        overrides["trunk"] = {**overrides.get("trunk", {}), "drop_path_rate": float(mc.drop_path_rate)}
+    mcfg = get_config(mc.name, **overrides)
+    model = build_model(mcfg, seed=mc.seed)
+    if mc.init_from:
+        sd = model_ckpt.load_state(mc.init_from)
+        names = param_names(nnx.state(model, nnx.Param))
+        allow = [n for n in names if any(n.startswith(p) for p in mc.fresh)]
+        fresh = load_state_dict(model, sd, allow_missing=allow)
+        log(f"initialised from {mc.init_from}" + (f"; fresh: {len(fresh)} tensors ({', '.join(sorted({f.split('.')[0] for f in fresh}))})" if fresh else ""))
+    return model, mcfg
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _loss_and_metrics(out: LT.ClipOutputs, tgt_masks, loss_cfg):
+    T, B = out.high_res_logits.shape[:2]
+    targets = jnp.swapaxes(tgt_masks, 0, 1)  # [T, B, S, S]
+    losses = multistep_multimask_loss(out.high_res_logits[:, None], out.ious[:, None],
+                                      out.object_score_logits[:, None], targets, loss_cfg, num_objects=B)
+    pred = out.high_res_logits[:, :, 0] > 0
+    gt = targets > 0
+    inter = jnp.sum(pred & gt, axis=(-1, -2)).astype(jnp.float32)
+    union = jnp.sum(pred | gt, axis=(-1, -2)).astype(jnp.float32)
+    present = jnp.any(gt, axis=(-1, -2))
+    iou = jnp.sum(jnp.where(present, inter / jnp.maximum(union, 1.0), 0.0)) / jnp.maximum(jnp.sum(present), 1)
+    return losses, {"train_iou": iou}
+
+
+def make_train_step(graphdef, tx, fcfg: LT.TrainForwardConfig, loss_cfg, seed: int) -> Callable:
+    """``step(state, batch, rngs) -> (state, metrics)`` (pure; jit it)."""
+    base_key = jax.random.key(seed)
+
+    def step(state, batch, rngs):
+        rngs = LT.reseed_rngs(rngs, jax.random.fold_in(base_key, state["step"]))
+        clip = LT.ClipBatch(*(batch[k] for k in BATCH_KEYS))
+
+        def loss_fn(params):
+            out, _ = LT.clip_forward(graphdef, params, rngs, state["rest"], clip, fcfg)
+            losses, extra = _loss_and_metrics(out, clip.tgt_masks, loss_cfg)
+            return losses["core_loss"], {**losses, **extra}
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **{k: v for k, v in aux.items() if k != "core_loss"},
+                   "grad_norm": optax.global_norm(grads)}
+        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rest": state["rest"]}
+        return new, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """``Trainer(cfg, workdir).train()``; resumes from ``<workdir>/checkpoints`` when present.
+
+    ``resume``: "auto" (resume if a checkpoint exists), "required" (error if none),
+    "never" (start fresh; existing checkpoints of later steps are left alone).
+    """
+
+    def __init__(self, cfg: Config, workdir, *, resume: str = "auto", log: Callable = print):
+        if resume not in ("auto", "required", "never"):
+            raise ValueError(f"resume must be auto/required/never, not {resume!r}")
+        self.t_start = time.time()
+        self.cfg = cfg
+        self.log = log
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        setup_runtime(cfg.runtime)
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh(cfg.runtime.num_devices)
+        self.n_devices = self.mesh.devices.size
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+
+        # ---- data
+        dc = cfg.data
+        train_dir, val_dir = dc.train_dir, dc.val_dir
+        if train_dir is None:
+            if not dc.synthetic.enabled:
+                raise ValueError("data.train_dir is not set (or enable data.synthetic)")
+            train_dir, syn_val = prepare_synthetic(cfg, self.workdir, log)
+            val_dir = val_dir or syn_val
+        self.train_dir, self.val_dir = train_dir, val_dir
+        takes = egoexo.read_take_list(dc.takes_file) if dc.takes_file else None
+        self.records = egoexo.list_train_videos(train_dir, dc.num_frames, takes)
+        if dc.max_videos:
+            self.records = self.records[: dc.max_videos]
+        if not self.records:
+            raise ValueError(f"no training video with >= {dc.num_frames} frames in {train_dir}")
+        self.global_batch = cfg.train.batch_size * self.n_devices
+        self.steps_per_epoch = steps_per_epoch(len(self.records), dc.multiplier, self.global_batch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.records)} videos x {dc.multiplier} < global batch {self.global_batch}")
+        self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
+
+        # ---- model and state
+        model, self.model_cfg = build_train_model(cfg, log)
+        if dc.num_frames < 2:
+            raise ValueError("training clips need at least 2 frames")
+        model.train()
+        self.graphdef, params, self.rngs, rest = LT.split_model(model)
+        model.eval()
+        self.graphdef_eval = LT.split_model(model)[0]
+        del model
+        self.tx = make_optimizer(params, cfg.optim, self.total_steps)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "rest": rest}
+        self.state_sharding = jax.tree.map(lambda _: self.replicated, state)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.rngs = jax.device_put(self.rngs, jax.tree.map(lambda _: self.replicated, self.rngs))
+        self.fcfg = LT.TrainForwardConfig(dtype=cfg.model.dtype, remat_blocks=cfg.model.remat_blocks,
+                                          remat_frames=cfg.model.remat_frames)
+        step_fn = make_train_step(self.graphdef, self.tx, self.fcfg, cfg.loss, cfg.train.seed)
+        batch_sharding = {k: self.data_sharding for k in BATCH_KEYS}
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0,),
+                               in_shardings=(self.state_sharding, batch_sharding, None),
+                               out_shardings=(self.state_sharding, self.replicated))
+
+        # ---- input pipeline
+        spec = ClipSpec(dc.num_frames, AugmentConfig(**{**dc.augment, "size": self.model_cfg.image_size}), dc.preresize)
+        self.dataset = make_train_dataset(train_dir, self.records, spec, num_steps=self.total_steps,
+                                          global_batch=self.global_batch, seed=cfg.train.seed,
+                                          multiplier=dc.multiplier, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+        self.data_iter = make_iterator(self.dataset, workers=dc.workers, worker_buffer=dc.worker_buffer,
+                                       threads=dc.threads, prefetch=dc.prefetch)
+
+        # ---- checkpoints
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep,
+                                 async_save=cfg.train.async_checkpointing)
+        latest = self.ckpt.latest_step() if resume != "never" else None
+        if resume == "required" and latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.workdir / 'checkpoints'}")
+        self.resumed_from = None
+        if latest is not None:
+            self.state = self.ckpt.restore(latest, abstract_like(self.state), self.data_iter)
+            self.resumed_from = latest
+            log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
+        if self.is_main:
+            save_config(cfg, self.workdir / "config.yaml")
+        self.validator = None
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.schedules = {"lr": cosine_schedule(cfg.optim.base_lr, cfg.optim.base_end, self.total_steps),
+                          "lr_vision": cosine_schedule(cfg.optim.vision_lr, cfg.optim.vision_end, self.total_steps)}
+        log(f"{len(self.records)} training videos, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+            f"global batch {self.global_batch} on {self.n_devices} device(s) ({jax.default_backend()}), "
+            f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f} M params")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    def _write(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _global_batch(self, local: dict) -> dict:
+        out = {}
+        for k in BATCH_KEYS:
+            x = np.asarray(local[k])
+            shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+            out[k] = jax.make_array_from_process_local_data(self.data_sharding, x, shape)
+        return out
+
+    def get_validator(self):
+        if self.validator is None and self.val_dir:
+            recs = egoexo.list_videos(self.val_dir, "ego2exo")
+            if self.cfg.eval.max_videos:
+                recs = recs[: self.cfg.eval.max_videos]
+            from lmeec_jax.training.evaluate import Validator
+
+            self.validator = Validator(self.graphdef_eval, self.val_dir, recs, self.model_cfg.image_size,
+                                       chunk=self.cfg.eval.chunk, log=self.log)
+        return self.validator
+
+    def evaluate(self, *, baseline: bool = False, overlays: int = 0, params=None) -> Optional[dict]:
+        val = self.get_validator()
+        if val is None or not self.is_main:
+            return None
+        t0 = time.time()
+        res = val.evaluate(self.state["params"] if params is None else params, self.rngs, self.state["rest"],
+                           baseline=baseline, overlay_dir=self.workdir / "overlays" if overlays else None,
+                           overlays=overlays)
+        res["time_s"] = round(time.time() - t0, 1)
+        return res
+
+    def save(self, force: bool = False) -> None:
+        step = self.step
+        if step in self.ckpt.all_steps():
+            return
+        self.ckpt.save(step, self.state, self.data_iter, force=force)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, until: Optional[int] = None) -> dict:
+        """Train to ``total_steps`` (or stop after step ``until``, saving a checkpoint there),
+        then (at the end only) run the final evaluation."""
+        cfg = self.cfg
+        tc = cfg.train
+        step = self.step
+        initial = None
+        if cfg.eval.initial and step == 0 and self.val_dir:
+            initial = self.evaluate(baseline=False)
+            if initial is not None:
+                (self.workdir / "eval_initial.json").write_text(json.dumps(initial, indent=2))
+                self.log(f"before training: IoU {initial['model']['iou']:.4f}")
+        bar = None
+        if cfg.runtime.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        t_last, n_last, t_first = time.time(), 0, None
+        last_metrics = {}
+        try:
+            stop = self.total_steps if until is None else min(until, self.total_steps)
+            while step < stop:
+                local = next(self.data_iter)
+                if tc.debug_nan_step is not None and step == tc.debug_nan_step:
+                    local = {**local, "src_images": np.full_like(local["src_images"], np.nan)}
+                batch = self._global_batch(local)
+                self.state, metrics = self.step_fn(self.state, batch, self.rngs)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if t_first is None:
+                    t_first = time.time() - self.t_start
+                if not math.isfinite(metrics["loss"]) and tc.fail_on_nonfinite:
+                    self.ckpt.wait()
+                    good = self.ckpt.latest_step()
+                    msg = (f"non-finite loss ({metrics['loss']}) at step {step}: stopping without saving; "
+                           f"last good checkpoint: {'step ' + str(good) if good is not None else 'none'}")
+                    self._write({"step": step, "error": msg})
+                    raise NonFiniteLoss(msg)
+                n_last += 1
+                if tc.log_data:
+                    self._write({"step": step, "data": [int(i) for i in np.asarray(local["index"])],
+                                 "videos": [int(i) for i in np.asarray(local["video"])],
+                                 "starts": [int(i) for i in np.asarray(local["start"])]})
+                if step % tc.log_every == 0 or step == self.total_steps or step == 1:
+                    dt = time.time() - t_last
+                    rate = n_last * self.global_batch / max(dt, 1e-9)
+                    lrs = {k: float(f(step - 1)) for k, f in self.schedules.items()}
+                    last_metrics = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}, **lrs,
+                                    "clips_per_s": round(rate, 3), "time_s": round(time.time() - self.t_start, 1)}
+                    self._write(last_metrics)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lrs['lr']:.2e}", clips_s=f"{rate:.2f}")
+                    t_last, n_last = time.time(), 0
+                if bar is not None:
+                    bar.update(1)
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and step < self.total_steps:
+                    self.save()
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < self.total_steps:
+                    res = self.evaluate()
+                    if res is not None:
+                        self._write({"step": step, "eval": res})
+                        self.log(f"step {step}: val IoU {res['model']['iou']:.4f}")
+            self.save(force=True)
+            self.ckpt.wait()
+        finally:
+            if bar is not None:
+                bar.close()
+        if step < self.total_steps:  # stopped early (`until`)
+            return {"step": step, "wall_s": round(time.time() - self.t_start, 1)}
+        train_time = time.time() - self.t_start
+        summary = {"step": step, "train_wall_s": round(train_time, 1), "first_step_s": t_first,
+                   "last": last_metrics}
+        if cfg.eval.final and self.val_dir:
+            res = self.evaluate(baseline=cfg.eval.baseline, overlays=cfg.eval.overlays)
+            if res is not None:
+                if initial is None and (self.workdir / "eval_initial.json").is_file():
+                    initial = json.loads((self.workdir / "eval_initial.json").read_text())
+                final = {**{k: res["model"][k] for k in ("iou", "contour_accuracy", "location_error",
+                                                         "balanced_accuracy")},
+                         "step": step, "n_videos": res["n_videos"], "model": res["model"]}
+                if "baseline" in res:
+                    final["baseline_paste_source"] = res["baseline"]
+                if initial is not None:
+                    final["before_training"] = initial["model"]
+                final["wall_time_s"] = round(time.time() - self.t_start, 1)
+                (self.workdir / "eval_final.json").write_text(json.dumps(final, indent=2))
+                self._write({"step": step, "eval": res})
+                summary["eval"] = final
+        summary["wall_s"] = round(time.time() - self.t_start, 1)
+        return summary
+
+    def close(self) -> None:
+        self.ckpt.close()
+        close = getattr(self.data_iter, "close", None)
+        if close is not None:
+            close()

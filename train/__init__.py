@@ -1,0 +1,1 @@
+"""`python -m train`: LM-EEC training (see ``train/__main__.py``)."""
