@@ -340,6 +340,18 @@ def _encode(m: np.ndarray) -> dict:
     return encode_mask(m)
 
 
+_PREFETCH: Optional[cf.ThreadPoolExecutor] = None
+
+
+def prefetch_executor() -> cf.ThreadPoolExecutor:
+    """The one background loader thread of this process (reused: a new thread per split
+    would get a new malloc arena each time and grow the RSS run after run)."""
+    global _PREFETCH
+    if _PREFETCH is None:
+        _PREFETCH = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch")
+    return _PREFETCH
+
+
 def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation: dict, *,
               chunk: int = DEFAULT_CHUNK, bucket: Optional[int] = None,
               official_hw: Tuple[int, int] = (OUT_SIZE, OUT_SIZE), frame_shape: str = "square",
@@ -357,9 +369,10 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
     objs = [ObjectPrediction(r, logits={} if keep_logits else None) for r in batch.records]
     res = BatchResult(batch, objs, frames=len(batch.frames))
     T = len(batch.frames)
-    own_exec = None
     if prefetch and executor is None:
-        own_exec = executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch")
+        executor = prefetch_executor()
+    if not prefetch:
+        executor = None
 
     def consume(out: ChunkOut, c: int, n: int):
         # one host fetch per chunk
@@ -401,9 +414,6 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
             consume(*pending)
     except DataError as e:
         res.error = e
-    finally:
-        if own_exec is not None:
-            own_exec.shutdown(wait=True, cancel_futures=True)
     res.missing_src = loader.missing_src
     for j, o in enumerate(objs):
         o.error = loader.failed[j]
@@ -585,7 +595,7 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
 
         bar = tqdm(total=summary.videos, desc=f"predict {direction}", unit="video", dynamic_ncols=True)
     say = (lambda s: bar.write(s)) if bar is not None else log
-    executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch") if prefetch else None
+    executor = prefetch_executor() if prefetch else None
     try:
         for take, ann, recs in per_take:
             skeleton = _take_skeleton(ann, direction)
@@ -645,8 +655,6 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     finally:
         if bar is not None:
             bar.close()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
 
     official = {TASK_KEYS[direction]: {"version": "xx", "challenge": "xx", "results": results}}
     path = os.path.join(out_dir, f"predictions_{direction}.json")

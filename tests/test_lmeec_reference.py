@@ -239,8 +239,10 @@ def test_tracker_matches_reference(run):
     assert np.abs(ref["score"][p]).min() > 1e-2
     assert 0 < ref["mask"][p].mean() < 1
     scale = max(1.0, float(np.abs(ref["low_res"][p][ref["low_res"][p] > -1000]).max()))
-    assert err_low.max() < 1e-3 * scale, (err_low.max(), scale)
-    assert err_score.max() < 1e-3
+    # measured ~2e-5 on logits of scale ~10 and on scores; dropping the wrong entry in the
+    # compression instead gives errors of 1e-2 .. 2e-1 from the first compressed frame on
+    assert err_low.max() < 2e-4 * scale, (err_low.max(), scale)
+    assert err_score.max() < 2e-4
     assert mask_diff.max() <= 16  # only pixels whose logit is within float noise of 0
 
 
@@ -280,7 +282,7 @@ def test_reference_crash_on_empty_bank_is_reported(reference):
     print(f"crash clip, frames {done.tolist()}: max |low-res logit| err {err_low.max():.3e}, "
           f"max |object score| err {err_score.max():.3e}, mask pixels differing {mask_diff.max()}")
     scale = max(1.0, float(np.abs(ref["low_res"][done][ref["low_res"][done] > -1000]).max(initial=0)))
-    assert err_low.max() < 1e-3 * scale and err_score.max() < 1e-3
+    assert err_low.max() < 2e-4 * scale and err_score.max() < 2e-4
     assert np.abs(ref["score"][done]).min() > 1e-2
     assert mask_diff.max() <= 16
 

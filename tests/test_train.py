@@ -150,6 +150,41 @@ def test_scan_equals_unrolled_reference_structure():
     assert outs[0].high_res_logits.shape == (T, 2, 1, S, S)
 
 
+def _count_matmuls(jaxpr, counts):
+    import jax.extend.core as jc
+
+    for e in jaxpr.eqns:
+        if e.primitive.name in ("dot_general", "conv_general_dilated"):
+            counts[tuple(str(v.aval.dtype) for v in e.invars[:2])] += 1
+        for v in e.params.values():
+            for x in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(x, jc.ClosedJaxpr):
+                    _count_matmuls(x.jaxpr, counts)
+                elif isinstance(x, jc.Jaxpr):
+                    _count_matmuls(x, counts)
+    return counts
+
+
+def test_bfloat16_compute_float32_outputs():
+    """dtype=bfloat16: (nearly) every matmul / conv of the training forward runs in bf16
+    (image encoder, attention, SAM heads, memory encoder); parameters, mask logits, IoU and
+    object scores stay float32. Checked on the jaxpr (no compilation)."""
+    import collections
+
+    from lmeec_jax.models import lmeec_train as LT
+
+    model = _tiny_model()
+    model.train()
+    g, p, r, rest = LT.split_model(model)
+    b = LT.ClipBatch(*(jnp.asarray(_batch(2, T)[k]) for k in ("src_images", "tgt_images", "src_masks", "tgt_masks")))
+    jp = jax.make_jaxpr(lambda p, r: LT.clip_forward(g, p, r, rest, b, LT.TrainForwardConfig(dtype="bfloat16")))(p, r)
+    counts = _count_matmuls(jp.jaxpr, collections.Counter())
+    total = sum(counts.values())
+    assert counts[("bfloat16", "bfloat16")] >= 0.85 * total, counts
+    assert all(str(v.aval.dtype) in ("float32", "key<fry>", "uint32") for v in jp.jaxpr.outvars)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+
+
 # ----------------------------------------------------------------------------- train step
 
 

@@ -291,11 +291,18 @@ def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForw
     P = pointer_slots(cfg, T)
     t_diff_max = P  # min(num_frames, max_obj_ptrs_in_encoder) - 1
 
-    feats = _all_features(model, batch, fcfg)
-    rngs = nnx.state(model, nnx.RngState)
-
     if fcfg.unroll:
-        return _clip_unrolled(model, feats, T, t_diff_max, dtype, det)
+        return _clip_unrolled(model, _all_features(model, batch, fcfg), T, t_diff_max, dtype, det)
+
+    # NNX variables merged at this level cannot be mutated under jax.grad, so every module
+    # call that draws dropout bits runs on a module merged inside a transform (here a
+    # checkpoint that saves everything, i.e. no recomputation; below the scan body) and
+    # the RNG-stream state is threaded through explicitly.
+    def encode(rngs_, b):
+        m = nnx.merge(graphdef, cparams, rngs_, crest)
+        return _all_features(m, b, fcfg), nnx.state(m, nnx.RngState)
+
+    feats, rngs = jax.checkpoint(encode, policy=jax.checkpoint_policies.everything_saveable)(rngs, batch)
 
     B = batch.src_images.shape[0]
     h, w, C = feats.tgt_feat.shape[2:]

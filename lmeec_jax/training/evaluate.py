@@ -118,7 +118,6 @@ class Validator:
     def evaluate(self, params, rngs, rest, *, baseline: bool = False, max_videos: Optional[int] = None,
                  overlay_dir=None, overlays: int = 0) -> dict:
         """Scores (fractions, LM-EEC protocol). ``baseline``: also the paste-source baseline."""
-        params, rngs, rest = jax.device_get((params, rngs, rest))  # host copy: runs on one local device
         pool, base = Pool(), Pool()
         videos = self.videos[:max_videos] if max_videos else self.videos
         if overlay_dir is not None and overlays:

@@ -41,13 +41,19 @@ from lmeec_jax.training.config import Config, save_config, to_dict
 from lmeec_jax.weights import load_state_dict
 
 __all__ = ["Trainer", "NonFiniteLoss", "setup_runtime", "make_mesh", "make_train_step", "build_train_model",
-           "prepare_synthetic"]
+           "prepare_synthetic", "local_copy"]
 
 BATCH_KEYS = ("src_images", "tgt_images", "src_masks", "tgt_masks")
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def local_copy(tree):
+    """A replicated pytree as single-device arrays of this host (works multi-host, where
+    ``jax.device_get`` refuses arrays that are not fully addressable)."""
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -261,7 +267,7 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     @property
     def step(self) -> int:
-        return int(jax.device_get(self.state["step"]))
+        return int(local_copy(self.state["step"]))
 
     def _write(self, record: dict) -> None:
         if self.is_main:
@@ -292,7 +298,8 @@ class Trainer:
         if val is None or not self.is_main:
             return None
         t0 = time.time()
-        res = val.evaluate(self.state["params"] if params is None else params, self.rngs, self.state["rest"],
+        params = self.state["params"] if params is None else params
+        res = val.evaluate(*local_copy((params, self.rngs, self.state["rest"])),
                            baseline=baseline, overlay_dir=self.workdir / "overlays" if overlays else None,
                            overlays=overlays)
         res["time_s"] = round(time.time() - t0, 1)
@@ -332,7 +339,7 @@ class Trainer:
                     local = {**local, "src_images": np.full_like(local["src_images"], np.nan)}
                 batch = self._global_batch(local)
                 self.state, metrics = self.step_fn(self.state, batch, self.rngs)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) for k, v in local_copy(metrics).items()}
                 step += 1
                 if t_first is None:
                     t_first = time.time() - self.t_start

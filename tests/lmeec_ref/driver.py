@@ -8,8 +8,8 @@ the LM-EEC repository ships its own ``sam2`` package, which clashes with the PyP
 * third-party modules it imports but never uses on this path are replaced by stubs when
   they are not installed (``timm.models.layers.trunc_normal_`` -> torch's,
   ``matplotlib.pyplot``, ``sklearn.cluster.KMeans``);
-* its hard-coded ``.to("cuda")`` (``sam2_base.py`` 1418-1424, 1644-1650) is redirected to the
-  CPU by wrapping ``torch.Tensor.to``.
+* its hard-coded ``.to("cuda")`` (``sam2_base.py`` 982 and 1648 on the inference path) is
+  redirected to the CPU by wrapping ``torch.Tensor.to``.
 
 Usage (by the test): ``python driver.py build --ref REF --out ref.pt --seed S --image-size N``
 writes a randomly initialised LM-EEC state dict; ``python driver.py run --ref REF --ckpt ref.pt
@@ -118,8 +118,6 @@ def randomize_(module, seed: int = 0):
 
 
 def build(args, build_fn):
-    import torch
-
     predictor = build_fn(
         config_file=args.config,
         ckpt_path=args.ckpt,
@@ -152,9 +150,9 @@ def cmd_build(args, build_fn):
 def cmd_run(args, build_fn):
     import torch
 
-    predictor = build(args, build_fn)  # loads args.ckpt (strict=False in the reference: check below)
+    predictor = build(args, build_fn)  # the reference loads args.ckpt with strict=False ...
     sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)["model"]
-    missing, unexpected = predictor.load_state_dict(sd, strict=True), None  # noqa: F841 (raises on mismatch)
+    predictor.load_state_dict(sd, strict=True)  # ... so load it again strictly (raises on a mismatch)
     predictor.eval()
 
     data = np.load(os.path.join(args.data, "masks.npz"))
