@@ -2,7 +2,9 @@
 the input pipeline, checkpoints (resume, atomic saves) and NaN handling.
 
 Everything runs the nano model at 64 px on short clips; compiled train steps are shared
-through a persistent compilation cache in the session's temporary directory.
+through a persistent compilation cache in the session's temporary directory. The default
+suite keeps the resume test (one train-step compilation, minutes on a loaded 2-core CPU);
+the other compiling tests are marked slow.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def test_resolved_config_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- forward
 
 
+@pytest.mark.slow
 def test_scan_equals_unrolled_reference_structure():
     """The fixed-slot scan (masked window / pointer slots) equals the compact-list loop.
 
@@ -261,11 +264,13 @@ def test_data_parallel_step_equals_single_device(tmp_path):
         g, params, rngs, rest = LT.split_model(model)
         tx = make_optimizer(params, OptimConfig(base_lr=1e-3, vision_lr=1e-3, layer_decay=0.9), total_steps=10)
         batch = _batch(2, {T}, seed=1)
+        host = jax.device_get({{"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                               "rest": rest}})  # donation must not delete the shared inputs
         res = []
         for n in (1, 2):
             mesh = make_mesh(n)
             rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-            state = {{"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rest": rest}}
+            state = host
             ss = jax.tree.map(lambda _: rep, state)
             f = jax.jit(make_train_step(g, tx, LT.TrainForwardConfig(), LossConfig(), seed=0), donate_argnums=(0,),
                         in_shardings=(ss, {{k: dat for k in BATCH_KEYS}}, None), out_shardings=(ss, rep))
@@ -395,6 +400,7 @@ def test_resume_equals_straight_run(synth_dir, jax_cache, tmp_path):
     assert {"loss", "lr", "clips_per_s", "grad_norm"} <= set(rec[-1])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_keeping_last_good_checkpoint(synth_dir, jax_cache, tmp_path):
     from lmeec_jax.training.trainer import NonFiniteLoss, Trainer
 
