@@ -137,9 +137,8 @@ def encode_views(model: SAM2Model, src_images, tgt_images):
 
     def one(pair):
         s, g = pair
-        fpn_t, pos_t = model.forward_image(g[None])
-        fpn_s, _ = model.forward_image(s[None])
-        return tuple(x[0] for x in fpn_t), pos_t[2][0], fpn_s[2][0]
+        fpn, pos = model.forward_image(jnp.stack([g, s]))  # both views in one encoder call
+        return tuple(x[0] for x in fpn), pos[2][0], fpn[2][1]
 
     return jax.lax.map(one, (src_images, tgt_images))
 
