@@ -140,20 +140,24 @@ class Take:
     hands: List[List[Prim]]  # per frame
     cameras: List[CameraSpec]
 
-    def prims(self, i: int, ego: bool) -> Tuple[List[Prim], List[int]]:
-        """Primitives at frame i and their labels (object index, or -2 for scene parts)."""
-        prims, labels = [self.table], [-2]
+    def prims(self, i: int, ego: bool) -> Tuple[List[Prim], List[int], List[bool]]:
+        """Primitives at frame i, their labels (object index, or -2 for scene parts) and
+        whether they move during the take."""
+        prims, labels, moving = [self.table], [-2], [False]
         for k, o in enumerate(self.objects):
             prims.append(o.prim.moved(o.path[i]) if o.path is not None else o.prim)
             labels.append(k)
+            moving.append(o.path is not None)
         for h in self.hands[i]:
             prims.append(h)
             labels.append(-2)
+            moving.append(True)
         if not ego:
             for b in self.body[i]:
                 prims.append(b)
                 labels.append(-2)
-        return prims, labels
+                moving.append(True)
+        return prims, labels, moving
 
 
 def _look(fwd: np.ndarray, roll: float = 0.0) -> np.ndarray:
@@ -435,11 +439,14 @@ def _shade(p: Prim, X: np.ndarray, Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
 
 def _room(take: Take, o: np.ndarray, dx, dy, dz) -> np.ndarray:
     """Colour of the room box seen along rays (dx, dy, dz) from o: tiled floor, panelled
-    walls with a dado rail and posters, ceiling. A palette index per pixel, one gather."""
+    walls with a dado rail and posters, ceiling. A palette index per pixel, one gather;
+    floor and wall patterns are evaluated only on the pixels that see them."""
     f32 = np.float32
     rx, ry, rz = (f32(v) for v in take.room)
     ox, oy, oz = (f32(v) for v in o)
     rt = take.room_tex
+    shape = dx.shape
+    dx, dy, dz = dx.ravel(), dy.ravel(), dz.ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         tx = (np.copysign(rx, dx) - ox) / dx
         ty = (np.copysign(ry, dy) - oy) / dy
@@ -448,63 +455,48 @@ def _room(take: Take, o: np.ndarray, dx, dy, dz) -> np.ndarray:
     onx = tx <= ty
     txy = np.minimum(tx, ty)
     horiz = tz <= txy
-    t = np.minimum(txy, tz)
-    x, y, z = ox + t * dx, oy + t * dy, oz + t * dz
+    idx = np.full(dx.shape, 3, np.uint8)  # ceiling
     # floor: two-colour tiles with grout lines
+    fl = np.flatnonzero(horiz & down)
+    t = tz[fl]
     s = f32(1.0 / rt["tile"])
-    fx, fy = x * s, y * s
+    fx, fy = (ox + t * dx[fl]) * s, (oy + t * dy[fl]) * s
     ix, iy = np.floor(fx), np.floor(fy)
     fidx = ((ix + iy).astype(np.int32) & 1).astype(np.uint8)
     grout = (np.abs(fx - ix - f32(0.5)) > f32(0.47)) | (np.abs(fy - iy - f32(0.5)) > f32(0.47))
     fidx[grout] = 2
+    idx[fl] = fidx
     # walls: panels, a dado rail, posters on two panels out of three
-    along = np.where(onx, y + np.copysign(f32(7), dx), x + np.copysign(f32(3), dy))
+    wl = np.flatnonzero(~horiz)
+    t, wx = txy[wl], onx[wl]
+    x, y, z = ox + t * dx[wl], oy + t * dy[wl], oz + t * dz[wl]
+    along = np.where(wx, y + np.copysign(f32(7), dx[wl]), x + np.copysign(f32(3), dy[wl]))
     q = along * f32(1.0 / rt["panel"])
     cell = np.floor(q)
     frac = q - cell
     ci = cell.astype(np.int32)
     widx = (4 + (ci & 1)).astype(np.uint8)
     widx[(z > f32(0.88)) & (z < f32(0.92))] = 6
-    poster = (z > f32(1.15)) & (z < f32(1.75)) & (np.abs(frac - f32(0.5)) < f32(0.3)) & ((ci & 3) != 1)
-    stripe = np.sin(z * f32(40.0) + frac * f32(9.0)) > f32(0.3)
-    pv = (7 + (ci & 7) + 8 * (~stripe)).astype(np.uint8)
-    np.copyto(widx, pv, where=poster)
-    idx = np.where(horiz, np.where(down, fidx, np.uint8(3)), widx)
+    pp = np.flatnonzero((z > f32(1.15)) & (z < f32(1.75)) & (np.abs(frac - f32(0.5)) < f32(0.3)) & ((ci & 3) != 1))
+    stripe = np.sin(z[pp] * f32(40.0) + frac[pp] * f32(9.0)) > f32(0.3)
+    widx[pp] = (7 + (ci[pp] & 7) + 8 * (~stripe)).astype(np.uint8)
+    idx[wl] = widx
     pal = np.empty((23, 3), np.float32)
     pal[0], pal[1], pal[2], pal[3] = rt["floor1"], rt["floor2"], 0.25, 0.93
     pal[4], pal[5], pal[6] = rt["wall"], rt["wall2"], 0.3
     posters = np.asarray(rt["posters"], np.float32)
     pal[7:15] = posters
     pal[15:23] = posters[(np.arange(8) + 3) % 8] * f32(0.6)
-    return np.take(pal, idx.astype(np.intp), axis=0)
+    return np.take(pal, idx, axis=0).reshape(shape + (3,))
 
 
-def render_view(take: Take, cam: CameraSpec, i: int, render_div: int = 2, only: Optional[Sequence[int]] = None):
-    """Render camera ``cam`` at frame ``i``.
-
-    Returns ``(rgb, labels)``: float32 (h, w, 3) in [0, 1] and int16 (h, w) label map
-    (object index into ``take.objects``, -1 room, -2 table / person / hands), at the
-    render resolution. ``only``: keep just these object indices (scene parts stay),
-    for tests.
-    """
-    w, h, f, cx, cy = cam.intrinsics(render_div)
-    R, C = cam.poses[i]
-    xs = ((np.arange(w, dtype=np.float32) + 0.5) - cx) / f
-    ys = ((np.arange(h, dtype=np.float32) + 0.5) - cy) / f
-    Rf = R.astype(np.float32)
-    dx = Rf[0, 0] * xs[None, :] + Rf[1, 0] * ys[:, None] + Rf[2, 0]
-    dy = Rf[0, 1] * xs[None, :] + Rf[1, 1] * ys[:, None] + Rf[2, 1]
-    dz = Rf[0, 2] * xs[None, :] + Rf[1, 2] * ys[:, None] + Rf[2, 2]
-    rgb = _room(take, C, dx, dy, dz)
-    depth = np.full((h, w), _INF, np.float32)  # every primitive is inside the room
-    labels = np.full((h, w), -1, np.int16)
+def _draw(prims, plabels, geom, rgb, depth, labels) -> None:
+    """Z-buffer ``prims`` into ``depth`` (in place; pixels must already hold the depth of
+    what is behind them) and paint the winners' colours and labels into ``rgb``/``labels``."""
+    R, C, f, cx, cy, w, h, dx, dy, dz = geom
     pid = np.full((h, w), -1, np.int16)
-    prims, plabels = take.prims(i, cam.is_ego)
     boxes = []
     for k, p in enumerate(prims):
-        if only is not None and plabels[k] >= 0 and plabels[k] not in only:
-            boxes.append(None)
-            continue
         lo, hi = p.aabb()
         corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
         pc = (corners - C) @ R.T
@@ -542,6 +534,46 @@ def render_view(take: Take, cam: CameraSpec, i: int, render_div: int = 2, only: 
         col = _shade(prims[k], cf[0] + t * dx[sl][sel], cf[1] + t * dy[sl][sel], cf[2] + t * dz[sl][sel])
         rgb[sl][sel] = col
         labels[sl][sel] = plabels[k]
+
+
+def render_view(take: Take, cam: CameraSpec, i: int, render_div: int = 2, only: Optional[Sequence[int]] = None,
+                cache: Optional[dict] = None):
+    """Render camera ``cam`` at frame ``i``.
+
+    Returns ``(rgb, labels)``: float32 (h, w, 3) in [0, 1] and int16 (h, w) label map
+    (object index into ``take.objects``, -1 room, -2 table / person / hands), at the
+    render resolution. ``only``: keep just these object indices (scene parts stay),
+    for tests. ``cache``: a dict kept across the frames of one take; for a fixed
+    (exocentric) camera the rays, the room and everything that does not move are
+    rendered once and only the moving parts are drawn per frame (same pixels).
+    """
+    w, h, f, cx, cy = cam.intrinsics(render_div)
+    R, C = cam.poses[i]
+    prims, plabels, moving = take.prims(i, cam.is_ego)
+    keep = [only is None or lab < 0 or lab in only for lab in plabels]
+    key = (cam.name, render_div, None if only is None else tuple(only))
+    if cache is not None and not cam.is_ego and key in cache:
+        geom, rgb0, depth0, labels0 = cache[key]
+        todo = [k for k in range(len(prims)) if keep[k] and moving[k]]
+    else:
+        xs = ((np.arange(w, dtype=np.float32) + 0.5) - cx) / f
+        ys = ((np.arange(h, dtype=np.float32) + 0.5) - cy) / f
+        Rf = R.astype(np.float32)
+        dx = Rf[0, 0] * xs[None, :] + Rf[1, 0] * ys[:, None] + Rf[2, 0]
+        dy = Rf[0, 1] * xs[None, :] + Rf[1, 1] * ys[:, None] + Rf[2, 1]
+        dz = Rf[0, 2] * xs[None, :] + Rf[1, 2] * ys[:, None] + Rf[2, 2]
+        geom = (R, C, f, cx, cy, w, h, dx, dy, dz)
+        rgb0 = _room(take, C, dx, dy, dz)
+        depth0 = np.full((h, w), _INF, np.float32)  # every primitive is inside the room
+        labels0 = np.full((h, w), -1, np.int16)
+        todo = [k for k in range(len(prims)) if keep[k]]
+        if cache is not None and not cam.is_ego:
+            static = [k for k in todo if not moving[k]]
+            _draw([prims[k] for k in static], [plabels[k] for k in static], geom, rgb0, depth0, labels0)
+            cache[key] = (geom, rgb0, depth0, labels0)
+            todo = [k for k in todo if moving[k]]
+    rgb, depth, labels = rgb0.copy(), depth0.copy(), labels0.copy()
+    _draw([prims[k] for k in todo], [plabels[k] for k in todo], geom, rgb, depth, labels)
     return rgb, labels
 
 
@@ -611,25 +643,26 @@ def write_take(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConf
     names = [o.name for o in take.objects]
     masks: Dict[str, Dict[str, Dict[str, dict]]] = {n: {} for n in names if n}
     frames = [str(FRAME_STEP * i) for i in range(take.n_frames)]
+    cache: dict = {}
     for cam in take.cameras:
         cam_dir = os.path.join(take_dir, cam.name)
         os.makedirs(cam_dir, exist_ok=True)
         raw = (EGO_RAW_SCALE if cam.is_ego else EXO_RAW_SCALE) if cfg.raw_masks else 1
         s = cfg.render_div * raw
         for i, fname in enumerate(frames):
-            rgb, labels = render_view(take, cam, i, cfg.render_div)
+            rgb, labels = render_view(take, cam, i, cfg.render_div, cache=cache)
             img = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8))
             if cfg.render_div != 1:  # nearest: JPEG pixels line up with the mask pixels
                 img = img.resize(cam.out_wh, Image.NEAREST)
             img.save(os.path.join(cam_dir, fname + ".jpg"), quality=cfg.jpeg_quality)
+            counts = np.bincount((labels.ravel() + 2).astype(np.intp), minlength=len(names) + 2)[2:]
             for k, n in enumerate(names):
                 if not n:
                     continue
-                m = labels == k
-                if m.sum() >= cfg.min_pixels:
-                    masks[n].setdefault(cam.name, {})[fname] = rle_upsampled(m, s, s)
+                if counts[k] >= cfg.min_pixels:
+                    masks[n].setdefault(cam.name, {})[fname] = rle_upsampled(labels == k, s, s)
                 elif key_rng.random() < cfg.p_empty_key:
-                    masks[n].setdefault(cam.name, {})[fname] = rle_upsampled(np.zeros_like(m), s, s)
+                    masks[n].setdefault(cam.name, {})[fname] = rle_upsampled(np.zeros(labels.shape, bool), s, s)
     ann = {
         "masks": {n: {c.name: masks[n][c.name] for c in take.cameras if c.name in masks[n]} for n in masks},
         "subsample_idx": [FRAME_STEP * i for i in range(take.n_frames)],
