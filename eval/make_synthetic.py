@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 
@@ -23,6 +24,13 @@ def register(subparsers) -> None:
     p.add_argument("--frame-size-masks", action="store_true",
                    help="masks at the JPEG size instead of the raw camera size (2x ego, 4x exo)")
     p.add_argument("--split-name", default="train", help="key used in <out>/split.json")
+    p.add_argument("--object-scale", type=float, default=1.0, help="multiply every object's size")
+    p.add_argument("--exo-distance", type=float, nargs=2, default=(1.7, 2.5), metavar=("MIN", "MAX"),
+                   help="exocentric camera distance to the table, metres")
+    p.add_argument("--p-lookalike", type=float, default=0.3, help="probability of a look-alike distractor per object")
+    p.add_argument("--p-small", type=float, default=0.25, help="probability of a small object")
+    p.add_argument("--patterns", default="solid,stripes,checker,dots,grid", help="object textures to draw from")
+    p.add_argument("--distinct-colours", action="store_true", help="no two objects share a main colour")
     p.set_defaults(func=main)
 
 
@@ -30,7 +38,18 @@ def main(args) -> int:
     from lmeec_jax.data.synthetic import make_synthetic_split
 
     t0 = time.time()
-    takes = make_synthetic_split(
+    try:
+        takes = _make(make_synthetic_split, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dt = time.time() - t0
+    print(f"{len(takes)} takes in {args.out} ({dt:.1f} s, {len(takes) / max(dt, 1e-9):.2f} takes/s)")
+    return 0
+
+
+def _make(make_synthetic_split, args):
+    return make_synthetic_split(
         args.out,
         args.takes,
         seed=args.seed,
@@ -41,7 +60,10 @@ def main(args) -> int:
         raw_masks=not args.frame_size_masks,
         progress=True,
         split_name=args.split_name,
+        object_scale=args.object_scale,
+        exo_distance=tuple(args.exo_distance),
+        p_lookalike=args.p_lookalike,
+        p_small=args.p_small,
+        patterns=tuple(x.strip() for x in args.patterns.split(",") if x.strip()),
+        distinct_colours=args.distinct_colours,
     )
-    dt = time.time() - t0
-    print(f"{len(takes)} takes in {args.out} ({dt:.1f} s, {len(takes) / max(dt, 1e-9):.2f} takes/s)")
-    return 0

@@ -105,10 +105,11 @@ class ClipSampler:
         self._cache_size = annotation_cache
         self._ann: "OrderedDict[str, dict]" = OrderedDict()
         self._perm: dict = {}
+        self._warned: set = set()
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_ann"], d["_perm"] = OrderedDict(), {}
+        d["_ann"], d["_perm"], d["_warned"] = OrderedDict(), {}, set()
         return d
 
     # ---- indices
@@ -220,7 +221,9 @@ class ClipSampler:
                 last_err = f"video {self.records[video].key}: no start frame with a visible source object"
             except DataError as e:
                 last_err = str(e)
-            log.warning("sample %d: %s; drawing another video", j, last_err)
+            if video not in self._warned:  # once per video and worker: the sampler meets it every epoch
+                self._warned.add(video)
+                log.warning("sample %d: %s; drawing another video (not repeated for this video)", j, last_err)
             video = int(rng.integers(len(self.records)))
         raise RuntimeError(f"sample {j}: no loadable clip after {MAX_VIDEO_RETRIES} videos (last: {last_err})")
 

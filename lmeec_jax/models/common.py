@@ -58,12 +58,69 @@ def layer_norm_2d(num_channels: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nn
     return nnx.LayerNorm(num_channels, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
-def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, use_bias=True):
-    """torch.nn.Conv2d equivalent with explicit symmetric padding (never "SAME")."""
+def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1):
+    """2-D convolution (NHWC, kernel HWIO) written as shifted slices + one matmul.
+
+    Same maths as ``lax.conv_general_dilated``; the point is the backward pass: XLA:CPU
+    lowers the weight gradient of a strided or depthwise convolution to a slow naive
+    loop (the memory encoder's stride-2 mask convs and 7x7 depthwise conv took ~60 % of a
+    training step of the small model), while here every gradient is a matmul, a pad or
+    an elementwise product. Grouped convolutions other than depthwise use the lax path.
+    """
+    kh, kw, cin_g, cout = kernel.shape
+    lead = x.shape[:-3]
+    x = x.reshape((-1,) + x.shape[-3:])
+    n, H, W, cin = x.shape
+    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    (p0, p1), (q0, q1) = padding
+    sh, sw = strides
+    if groups not in (1, cin) or (groups != 1 and (cin_g != 1 or cout != cin)):
+        y = jax.lax.conv_general_dilated(x, kernel, (sh, sw), ((p0, p1), (q0, q1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    else:
+        if p0 or p1 or q0 or q1:
+            x = jnp.pad(x, ((0, 0), (p0, p1), (q0, q1), (0, 0)))
+        oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+
+        def tap(i, j):
+            return x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+
+        if groups != 1 and cin != 1:  # depthwise: one multiply-add per tap
+            y = sum(tap(i, j) * kernel[i, j, 0] for i in range(kh) for j in range(kw))
+        elif kh == kw == 1:
+            y = jnp.einsum("nhwc,co->nhwo", tap(0, 0), kernel[0, 0])
+        else:
+            patches = jnp.concatenate([tap(i, j) for i in range(kh) for j in range(kw)], axis=-1)
+            y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin_g, cout))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y.reshape(lead + y.shape[1:])
+
+
+class Conv2d(nnx.Conv):
+    """``nnx.Conv`` (same parameters ``kernel``/``bias``, same names) computed by
+    :func:`conv2d_apply` (``im2col=True``) or by ``lax`` as ``nnx.Conv`` does."""
+
+    im2col: bool = True
+
+    def __call__(self, inputs):
+        if not self.im2col:
+            return super().__call__(inputs)
+        pad = self.padding
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        bias = self.bias[...] if self.bias is not None else None
+        return conv2d_apply(inputs, self.kernel[...], bias, strides, tuple(tuple(p) for p in pad),
+                            self.feature_group_count)
+
+
+def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, use_bias=True, im2col=True):
+    """torch.nn.Conv2d equivalent with explicit symmetric padding (never "SAME").
+    ``im2col=False``: XLA's convolution (better for a large-kernel patch embedding)."""
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     s = (stride, stride) if isinstance(stride, int) else tuple(stride)
     p = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    return nnx.Conv(
+    conv = Conv2d(
         in_ch,
         out_ch,
         kernel_size=k,
@@ -73,6 +130,9 @@ def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, u
         use_bias=use_bias,
         rngs=rngs,
     )
+    if not im2col:
+        conv.im2col = False
+    return conv
 
 
 def resize_bilinear(x, size, *, antialias: bool = False):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmeec_jax.models.common import Activation
+from lmeec_jax.models.common import Activation, Conv2d
 
 __all__ = ["MV_MoE", "mv_moe_or_view"]
 
@@ -55,12 +55,12 @@ def _gate_mlp(c: int, *, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.List:
 def _gate_conv(c: int, *, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.List:
     return nnx.List(
         [
-            nnx.Conv(
+            Conv2d(
                 2 * c, c, kernel_size=(3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
                 use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             ),
             Activation("relu"),
-            nnx.Conv(
+            Conv2d(
                 c, 1, kernel_size=(1, 1), strides=(1, 1), padding=((0, 0), (0, 0)),
                 use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             ),

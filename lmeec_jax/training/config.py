@@ -72,6 +72,12 @@ class SyntheticSection:
     n_frames: int = 16
     raw_masks: bool = False  # masks at JPEG size (faster to load) instead of the raw 2x/4x
     workers: Optional[int] = None
+    object_scale: float = 1.0  # x object sizes
+    exo_distance: tuple = (1.7, 2.5)  # exocentric camera distance range (m)
+    p_lookalike: float = 0.3  # probability of a look-alike distractor per object
+    p_small: float = 0.25  # probability of a small object
+    patterns: tuple = ("solid", "stripes", "checker", "dots", "grid")  # object textures
+    distinct_colours: bool = False  # no two objects share a main colour
 
 
 @dataclass(frozen=True)

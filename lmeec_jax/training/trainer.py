@@ -96,10 +96,11 @@ def prepare_synthetic(cfg: Config, workdir: Path, log=print) -> tuple[str, str]:
     root = Path(sc.dir) if sc.dir else workdir / "data"
     train_dir, val_dir = root / "train", root / "val"
     t0 = time.time()
-    make_synthetic_split(train_dir, sc.train_takes, seed=sc.seed, n_frames=sc.n_frames, workers=sc.workers,
-                         raw_masks=sc.raw_masks, split_name="train")
-    make_synthetic_split(val_dir, sc.val_takes, seed=sc.seed + 1_000_003, n_frames=sc.n_frames, workers=sc.workers,
-                         raw_masks=sc.raw_masks, split_name="val")
+    kw = dict(n_frames=sc.n_frames, workers=sc.workers, raw_masks=sc.raw_masks, object_scale=float(sc.object_scale),
+              exo_distance=tuple(float(x) for x in sc.exo_distance), p_lookalike=float(sc.p_lookalike),
+              p_small=float(sc.p_small), patterns=tuple(sc.patterns), distinct_colours=bool(sc.distinct_colours))
+    make_synthetic_split(train_dir, sc.train_takes, seed=sc.seed, split_name="train", **kw)
+    make_synthetic_split(val_dir, sc.val_takes, seed=sc.seed + 1_000_003, split_name="val", **kw)
     log(f"synthetic data ready in {root} ({sc.train_takes} train / {sc.val_takes} val takes, {time.time() - t0:.0f} s)")
     return str(train_dir), str(val_dir)
 
