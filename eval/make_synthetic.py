@@ -39,31 +39,27 @@ def main(args) -> int:
 
     t0 = time.time()
     try:
-        takes = _make(make_synthetic_split, args)
+        takes = make_synthetic_split(
+            args.out,
+            args.takes,
+            seed=args.seed,
+            n_frames=args.frames,
+            n_exo=args.exo_cams,
+            workers=args.workers,
+            render_div=args.render_div,
+            raw_masks=not args.frame_size_masks,
+            progress=True,
+            split_name=args.split_name,
+            object_scale=args.object_scale,
+            exo_distance=tuple(args.exo_distance),
+            p_lookalike=args.p_lookalike,
+            p_small=args.p_small,
+            patterns=tuple(x.strip() for x in args.patterns.split(",") if x.strip()),
+            distinct_colours=args.distinct_colours,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = time.time() - t0
     print(f"{len(takes)} takes in {args.out} ({dt:.1f} s, {len(takes) / max(dt, 1e-9):.2f} takes/s)")
     return 0
-
-
-def _make(make_synthetic_split, args):
-    return make_synthetic_split(
-        args.out,
-        args.takes,
-        seed=args.seed,
-        n_frames=args.frames,
-        n_exo=args.exo_cams,
-        workers=args.workers,
-        render_div=args.render_div,
-        raw_masks=not args.frame_size_masks,
-        progress=True,
-        split_name=args.split_name,
-        object_scale=args.object_scale,
-        exo_distance=tuple(args.exo_distance),
-        p_lookalike=args.p_lookalike,
-        p_small=args.p_small,
-        patterns=tuple(x.strip() for x in args.patterns.split(",") if x.strip()),
-        distinct_colours=args.distinct_colours,
-    )

@@ -116,7 +116,7 @@ def test_visibility_varies(split):
 
 def test_masks_respect_occlusion():
     rng = np.random.default_rng(3)
-    take = S.build_take("t", rng, n_frames=2, n_exo=1)
+    take = S.build_take("t", rng, S.SynthConfig(n_frames=2, n_exo=1))
     exo = take.cameras[1]
     R, C = exo.poses[0]
     # a floating sphere half way between the exo camera and object 0, covering the
@@ -138,7 +138,7 @@ def test_masks_respect_occlusion():
 
     # random scenes: every label is inside its solo silhouette, labels never overlap
     for seed in range(3):
-        take = S.build_take("t", np.random.default_rng(seed), n_frames=3, n_exo=1)
+        take = S.build_take("t", np.random.default_rng(seed), S.SynthConfig(n_frames=3, n_exo=1))
         for cam in take.cameras:
             for i in range(3):
                 _, lab = S.render_view(take, cam, i, 4)
@@ -149,7 +149,7 @@ def test_masks_respect_occlusion():
 
 def test_written_masks_match_labels(tmp_path):
     takes = S.make_synthetic_split(tmp_path, 1, seed=2, n_frames=3, workers=1, p_empty_key=0.0)
-    take = S.build_take(takes[0], np.random.default_rng([2, 0, 0x5EED]), 3, 1)
+    take = S.build_take(takes[0], np.random.default_rng([2, 0, 0x5EED]), S.SynthConfig(n_frames=3))
     ann = json.load(open(tmp_path / takes[0] / "annotation.json"))
     for cam in take.cameras:
         for i in range(3):
@@ -190,7 +190,7 @@ def test_fixed_camera_cache_is_exact():
     from-scratch render, pixel for pixel, including frames where the hand and a carried
     object move over the static scene."""
     for idx in range(3):
-        take = S.build_take("t", np.random.default_rng([3, idx, 0x5EED]), 6, 1)
+        take = S.build_take("t", np.random.default_rng([3, idx, 0x5EED]), S.SynthConfig(n_frames=6))
         exo = take.cameras[1]
         cache = {}
         for i in range(6):
@@ -203,9 +203,9 @@ def test_scene_knobs(tmp_path):
     """Knobs of the built-in training data: bigger objects, a closer exo camera, one plain
     colour per object, no look-alikes; defaults unchanged; settings recorded."""
     rng = lambda: np.random.default_rng([0, 1, 0x5EED])  # noqa: E731
-    base = S.build_take("t", rng(), 4, 1)
-    big = S.build_take("t", rng(), 4, 1, object_scale=2.0, exo_distance=(1.1, 1.2), p_lookalike=0.0, p_small=0.0,
-                       patterns=("solid",), distinct_colours=True)
+    base = S.build_take("t", rng(), S.SynthConfig(n_frames=4))
+    big = S.build_take("t", rng(), S.SynthConfig(n_frames=4, object_scale=2.0, exo_distance=(1.1, 1.2), p_lookalike=0.0,
+                                                 p_small=0.0, patterns=("solid",), distinct_colours=True))
     assert all(o.prim.tex.kind == "solid" for o in big.objects)
     colours = [o.prim.tex.c1 for o in big.objects]
     assert len(set(colours)) == len(colours)

@@ -188,14 +188,31 @@ def _rand_texture(rng, cname: str, patterns: Sequence[str] = PATTERNS) -> Textur
     return Texture(kind, tuple(c1), tuple(c2), float(rng.uniform(18, 45)), float(rng.uniform(0, math.pi)))
 
 
-def build_take(take_id: str, rng: np.random.Generator, n_frames: int = 16, n_exo: int = 1, object_scale: float = 1.0,
-               exo_distance: Tuple[float, float] = (1.7, 2.5), p_lookalike: float = 0.3,
-               p_small: float = 0.25, patterns: Sequence[str] = PATTERNS, distinct_colours: bool = False) -> Take:
-    """Random scene, motion and cameras of one take. ``object_scale`` multiplies every object's
-    size; ``exo_distance`` is the range of the exocentric cameras' distance to the table (m);
-    ``p_lookalike`` / ``p_small``: probability that an object copies an earlier one / is small;
-    ``patterns``: the object textures drawn from; ``distinct_colours``: no two objects (look-alikes
-    aside) share a main colour."""
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    n_frames: int = 16
+    n_exo: int = 1
+    render_div: int = 2
+    raw_masks: bool = True
+    min_pixels: int = 4
+    p_empty_key: float = 0.05
+    jpeg_quality: int = 90
+    object_scale: float = 1.0  # x object sizes (the built-in training run uses larger objects)
+    exo_distance: Tuple[float, float] = (1.7, 2.5)  # exocentric camera distance range (m)
+    p_lookalike: float = 0.3  # an object is a copy of an earlier one (same shape, size, texture)
+    p_small: float = 0.25  # an object is small (1.5-2.5 cm)
+    patterns: Tuple[str, ...] = PATTERNS  # object textures to draw from
+    distinct_colours: bool = False  # no two objects share a main colour (look-alikes aside)
+
+    def __post_init__(self):
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad or not self.patterns:
+            raise ValueError(f"unknown texture pattern(s) {bad or '(none given)'}; choose from {', '.join(PATTERNS)}")
+
+
+def build_take(take_id: str, rng: np.random.Generator, cfg: SynthConfig = SynthConfig()) -> Take:
+    """Random scene, motion and cameras of one take (``cfg.n_frames`` frames, ``cfg.n_exo``
+    exocentric cameras, scene knobs ``object_scale`` ... ``distinct_colours`` of ``cfg``)."""
     rx, ry, rz = rng.uniform(2.6, 3.4), rng.uniform(2.6, 3.4), rng.uniform(2.5, 2.9)
     room_tex = dict(
         floor1=tuple(rng.uniform(0.35, 0.75, 3)),
@@ -216,22 +233,22 @@ def build_take(take_id: str, rng: np.random.Generator, n_frames: int = 16, n_exo
     specs = []
     used_names: Dict[str, int] = {}
     while len(specs) < n_obj:
-        if specs and rng.random() < p_lookalike:  # look-alike of an earlier object
+        if specs and rng.random() < cfg.p_lookalike:  # look-alike of an earlier object
             base = specs[int(rng.integers(len(specs)))]
             specs.append(dict(base))
             continue
         kind = ("box", "cyl", "sphere")[int(rng.integers(3))]
-        small = rng.random() < p_small
-        s = (rng.uniform(0.015, 0.025) if small else rng.uniform(0.045, 0.12)) * object_scale
+        small = rng.random() < cfg.p_small
+        s = (rng.uniform(0.015, 0.025) if small else rng.uniform(0.045, 0.12)) * cfg.object_scale
         if kind == "box":
             size = np.array([s, s * rng.uniform(0.6, 1.4), s * rng.uniform(0.5, 1.3)])
         elif kind == "cyl":
             size = np.array([s * 0.8, s * 0.8, s * rng.uniform(1.5, 4.0)])
         else:
             size = np.array([s, s, s])
-        cname = _rand_colour(rng, exclude=[sp["cname"] for sp in specs] if distinct_colours else ())
+        cname = _rand_colour(rng, exclude=[sp["cname"] for sp in specs] if cfg.distinct_colours else ())
         noun = NOUNS[kind][int(rng.integers(len(NOUNS[kind])))]
-        specs.append(dict(kind=kind, size=size, cname=cname, tex=_rand_texture(rng, cname, patterns), label=f"{'small ' if small else ''}{cname} {noun}"))
+        specs.append(dict(kind=kind, size=size, cname=cname, tex=_rand_texture(rng, cname, cfg.patterns), label=f"{'small ' if small else ''}{cname} {noun}"))
     objects: List[SceneObject] = []
     placed: List[Tuple[float, float, float]] = []
     for sp in specs:
@@ -253,7 +270,7 @@ def build_take(take_id: str, rng: np.random.Generator, n_frames: int = 16, n_exo
         objects[0].name = "object_0"
 
     # ---- person and ego camera
-    T = n_frames
+    T = cfg.n_frames
     taus = np.linspace(0.0, 1.0, T) if T > 1 else np.zeros(1)
     side = rng.uniform(-math.pi, math.pi)  # where around the table the person stands
     dist = rng.uniform(0.25, 0.45)
@@ -327,9 +344,9 @@ def build_take(take_id: str, rng: np.random.Generator, n_frames: int = 16, n_exo
 
     # ---- cameras
     cams = [CameraSpec("aria01", EGO_SIZE, math.radians(90.0), ego_poses, True)]
-    for j in range(n_exo):
+    for j in range(cfg.n_exo):
         az = rng.uniform(-math.pi, math.pi)
-        d = rng.uniform(*exo_distance)
+        d = rng.uniform(*cfg.exo_distance)
         pos = np.array([math.cos(az) * d, math.sin(az) * d, rng.uniform(1.3, 2.0)])
         pos[0] = np.clip(pos[0], -rx + 0.2, rx - 0.2)
         pos[1] = np.clip(pos[1], -ry + 0.2, ry - 0.2)
@@ -625,23 +642,6 @@ def take_uid(seed: int, index: int) -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(f"lmeec-synthetic:{seed}:{index}".encode()).digest()[:16], version=4))
 
 
-@dataclasses.dataclass(frozen=True)
-class SynthConfig:
-    n_frames: int = 16
-    n_exo: int = 1
-    render_div: int = 2
-    raw_masks: bool = True
-    min_pixels: int = 4
-    p_empty_key: float = 0.05
-    jpeg_quality: int = 90
-    object_scale: float = 1.0  # x object sizes (the built-in training run uses larger objects)
-    exo_distance: Tuple[float, float] = (1.7, 2.5)  # exocentric camera distance range (m)
-    p_lookalike: float = 0.3  # an object is a copy of an earlier one (same shape, size, texture)
-    p_small: float = 0.25  # an object is small (1.5-2.5 cm)
-    patterns: Tuple[str, ...] = PATTERNS  # object textures to draw from
-    distinct_colours: bool = False  # no two objects share a main colour (look-alikes aside)
-
-
 def write_take(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> Tuple[str, bool]:
     """Render and write take ``index`` of ``seed``; returns (take id, written?)."""
     take_id = take_uid(seed, index)
@@ -650,8 +650,7 @@ def write_take(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConf
     if os.path.isfile(ann_path):
         return take_id, False
     rng = np.random.default_rng([int(seed), int(index), 0x5EED])
-    take = build_take(take_id, rng, cfg.n_frames, cfg.n_exo, cfg.object_scale, tuple(cfg.exo_distance), cfg.p_lookalike,
-                      cfg.p_small, tuple(cfg.patterns), cfg.distinct_colours)
+    take = build_take(take_id, rng, cfg)
     key_rng = np.random.default_rng([int(seed), int(index), 0xA11])
     names = [o.name for o in take.objects]
     masks: Dict[str, Dict[str, Dict[str, dict]]] = {n: {} for n in names if n}
@@ -742,9 +741,6 @@ def make_synthetic_split(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     cfg = SynthConfig(n_frames=n_frames, n_exo=n_exo, render_div=render_div, raw_masks=raw_masks, **cfg_kwargs)
-    bad = [p for p in cfg.patterns if p not in PATTERNS]
-    if bad or not cfg.patterns:
-        raise ValueError(f"unknown texture pattern(s) {bad or '(none given)'}; choose from {', '.join(PATTERNS)}")
     _check_generator_record(out_dir, int(seed), cfg)
     jobs = [(out_dir, int(seed), i, cfg) for i in range(n_takes)]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)

@@ -100,13 +100,9 @@ def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)),
 
 class Conv2d(nnx.Conv):
     """``nnx.Conv`` (same parameters ``kernel``/``bias``, same names) computed by
-    :func:`conv2d_apply` (``im2col=True``) or by ``lax`` as ``nnx.Conv`` does."""
-
-    im2col: bool = True
+    :func:`conv2d_apply`."""
 
     def __call__(self, inputs):
-        if not self.im2col:
-            return super().__call__(inputs)
         pad = self.padding
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         bias = self.bias[...] if self.bias is not None else None
@@ -114,13 +110,12 @@ class Conv2d(nnx.Conv):
                             self.feature_group_count)
 
 
-def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, use_bias=True, im2col=True):
-    """torch.nn.Conv2d equivalent with explicit symmetric padding (never "SAME").
-    ``im2col=False``: XLA's convolution (better for a large-kernel patch embedding)."""
+def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, use_bias=True):
+    """torch.nn.Conv2d equivalent with explicit symmetric padding (never "SAME")."""
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     s = (stride, stride) if isinstance(stride, int) else tuple(stride)
     p = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    conv = Conv2d(
+    return Conv2d(
         in_ch,
         out_ch,
         kernel_size=k,
@@ -130,9 +125,6 @@ def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, u
         use_bias=use_bias,
         rngs=rngs,
     )
-    if not im2col:
-        conv.im2col = False
-    return conv
 
 
 def resize_bilinear(x, size, *, antialias: bool = False):

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from lmeec_jax.data.synthetic import PATTERNS
 from lmeec_jax.losses import LossConfig
 from lmeec_jax.optim import OptimConfig
 
@@ -76,7 +77,7 @@ class SyntheticSection:
     exo_distance: tuple = (1.7, 2.5)  # exocentric camera distance range (m)
     p_lookalike: float = 0.3  # probability of a look-alike distractor per object
     p_small: float = 0.25  # probability of a small object
-    patterns: tuple = ("solid", "stripes", "checker", "dots", "grid")  # object textures
+    patterns: tuple = PATTERNS  # object textures
     distinct_colours: bool = False  # no two objects share a main colour
 
 
