@@ -59,6 +59,24 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads): unlike wall time it does
+    not grow when other work shares the cores, so it shows whether the work per frame grows."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _quarters(stamps, chunk: int):
+    """Wall seconds per frame between chunk dispatches in the first and the last quarter of
+    a run (dispatch blocks once the device queue is full, so in the steady state the gap
+    between dispatches is the chunk's compute time)."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if len(gaps) < 4:
+        return None, None
+    q = len(gaps) // 4
+    return sum(gaps[:q]) / (q * chunk), sum(gaps[-q:]) / (q * chunk)
+
+
 def _mib(b) -> str:
     return f"{b / 2**20:8.1f}"
 
@@ -144,10 +162,12 @@ def main(argv=None) -> int:
 
         peak_rss = 0
         peak_live = 0
+        stamps: list = []
 
         def step(self, *a, **kw):
             out = super().step(*a, **kw)
             self.peak_live = max(self.peak_live, _live_bytes())
+            self.stamps.append(time.perf_counter())
             return out
 
     def sample_rss(stop: threading.Event):
@@ -163,6 +183,8 @@ def main(argv=None) -> int:
         out = os.path.join(outs, t)
         shutil.rmtree(out, ignore_errors=True)
         runner.peak_rss = runner.peak_live = 0
+        runner.stamps = []
+        cpu0 = _cpu_seconds()
         stop = threading.Event()
         th = threading.Thread(target=sample_rss, args=(stop,), daemon=True)
         th.start()
@@ -174,6 +196,8 @@ def main(argv=None) -> int:
             th.join()
         if not s.ok or s.frames != length:
             raise SystemExit(f"benchmark run failed: {s.lines()}")
+        s.cpu_seconds = _cpu_seconds() - cpu0
+        s.stamps = list(runner.stamps)
         return s
 
     t0 = time.perf_counter()
@@ -190,10 +214,14 @@ def main(argv=None) -> int:
                 best = s
         s = best
         runner.peak_rss, runner.peak_live = peak_rss, peak_live
+        first_q, last_q = _quarters(s.stamps, args.chunk)
         row = dict(frames=L, predicted=s.frames_predicted, seconds=s.seconds, s_per_frame=s.seconds / L,
-                   fps=L / s.seconds, peak_rss=runner.peak_rss, maxrss=_maxrss_bytes(), peak_live=runner.peak_live)
+                   cpu_s_per_frame=s.cpu_seconds / L, first_quarter_s_per_frame=first_q,
+                   last_quarter_s_per_frame=last_q, fps=L / s.seconds, peak_rss=runner.peak_rss, maxrss=_maxrss_bytes(), peak_live=runner.peak_live)
         rows.append(row)
         print(f"  {L} frames: {s.seconds:.1f} s, {row['s_per_frame'] * 1e3:.0f} ms/frame, "
+              f"CPU {row['cpu_s_per_frame'] * 1e3:.0f} ms/frame, "
+              + (f"first/last quarter {first_q * 1e3:.0f}/{last_q * 1e3:.0f} ms/frame, " if first_q else "") +
               f"peak RSS {row['peak_rss'] / 2**20:.0f} MiB, live JAX {row['peak_live'] / 2**20:.0f} MiB", flush=True)
 
     split_row = None
@@ -211,15 +239,20 @@ def main(argv=None) -> int:
     print()
     print(f"eval predict, {model_name} at {cfg.image_size} px, {args.dtype}, chunk {args.chunk}, batch 1, "
           f"{jax.default_backend()} ({os.cpu_count()} cores); compile excluded")
-    print(f"{'frames':>7} {'seconds':>9} {'ms/frame':>9} {'frames/s':>9} {'peak RSS MiB':>13} "
+    print(f"{'frames':>7} {'seconds':>9} {'ms/frame':>9} {'CPU ms/fr':>9} {'frames/s':>9} {'peak RSS MiB':>13} "
           f"{'maxrss MiB':>11} {'live JAX MiB':>13}")
     for r in rows:
-        print(f"{r['frames']:7d} {r['seconds']:9.1f} {r['s_per_frame'] * 1e3:9.0f} {r['fps']:9.3f} "
+        print(f"{r['frames']:7d} {r['seconds']:9.1f} {r['s_per_frame'] * 1e3:9.0f} {r['cpu_s_per_frame'] * 1e3:9.0f} "
+              f"{r['fps']:9.3f} "
               f"{_mib(r['peak_rss']):>13} {_mib(r['maxrss']):>11} {_mib(r['peak_live']):>13}")
     spf = [r["s_per_frame"] for r in rows]
     spread = max(spf) / min(spf) - 1 if spf else float("nan")
     print(f"per-frame time spread (max/min - 1): {spread * 100:.1f}% "
           f"({'flat within 10%' if spread <= 0.10 else 'NOT flat within 10%'})")
+    cpf = [r["cpu_s_per_frame"] for r in rows]
+    cspread = max(cpf) / min(cpf) - 1 if cpf else float("nan")
+    print(f"per-frame CPU time spread (max/min - 1): {cspread * 100:.1f}% "
+          f"({'flat within 10%' if cspread <= 0.10 else 'NOT flat within 10%'})")
     if split_row:
         print(f"split of {split_row['takes']} takes: {split_row['videos']} videos, {split_row['frames']} object-frames "
               f"in {split_row['seconds']:.1f} s = {split_row['fps']:.3f} object-frames/s "

@@ -8,7 +8,9 @@ LM-EEC AdamW/cosine/layer-decay optimiser) on random clips of ``--batch`` clips 
 device, float32 (``--dtype bfloat16`` for the recipe's mixed precision; slow on most
 CPUs). ``b+`` is the finetune recipe's model (``lmeec_hiera_b+`` at 480, drop path 0.1);
 ``nano`` the built-in run's (``configs/synthetic_tiny.yaml``). The compile (first call) is
-reported apart; the table shows the median seconds per step after it.
+reported apart with XLA's temporary-buffer size of the compiled step (the activation
+memory; parameters, optimiser state and the batch come on top); then the median seconds
+per step after one untimed run. ``--remat`` turns on ``remat_blocks`` and ``remat_frames``.
 """
 
 from __future__ import annotations
@@ -56,9 +58,18 @@ def bench(key: str, batch: int, frames: int, steps: int, dtype: str, remat: bool
         "tgt_masks": jnp.asarray(rng.random((batch, frames, S, S)) > 0.9, jnp.uint8),
     }
     t0 = time.perf_counter()
-    state, m = step(state, b, rngs)
-    jax.block_until_ready(m)
+    step = step.lower(state, b, rngs).compile()
     compile_s = time.perf_counter() - t0
+    mem = step.memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    row = dict(model=key, image_size=S, params_m=n_params / 1e6, batch=batch, frames=frames, dtype=dtype,
+               remat=remat, compile_s=compile_s, temp_gb=None if temp is None else temp / 1e9,
+               temp_gb_per_clip=None if temp is None else temp / 1e9 / batch)
+    if steps <= 0:
+        return row
+    state, m = step(state, b, rngs)  # first run (allocations), not timed
+    jax.block_until_ready(m)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -66,9 +77,8 @@ def bench(key: str, batch: int, frames: int, steps: int, dtype: str, remat: bool
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     sec = float(np.median(times))
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    return dict(model=key, image_size=S, params_m=n_params / 1e6, batch=batch, frames=frames, dtype=dtype,
-                compile_s=compile_s, step_s=sec, clips_per_s=batch / sec, loss=float(m["loss"]))
+    row.update(step_s=sec, clips_per_s=batch / sec, loss=float(m["loss"]))
+    return row
 
 
 def main(argv=None):
@@ -76,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--models", default="b+,nano")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the first (0: compile only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true", help="rematerialise Hiera blocks and frames")
     args = ap.parse_args(argv)
@@ -85,9 +95,12 @@ def main(argv=None):
     for key in args.models.split(","):
         r = bench(key.strip(), args.batch, args.frames, args.steps, args.dtype, args.remat)
         rows.append(r)
-        print(f"{r['model']:>5} {r['image_size']}px {r['params_m']:.1f}M params, batch {r['batch']} x {r['frames']} "
-              f"frames, {r['dtype']}: compile {r['compile_s']:.0f} s, {r['step_s']:.2f} s/step, "
-              f"{r['clips_per_s']:.3f} clips/s per device", flush=True)
+        head = (f"{r['model']:>5} {r['image_size']}px {r['params_m']:.1f}M params, batch {r['batch']} x {r['frames']} "
+                f"frames, {r['dtype']}{', remat' if r['remat'] else ''}: compile {r['compile_s']:.0f} s, "
+                + ("" if r["temp_gb"] is None else f"XLA temp {r['temp_gb']:.2f} GB ({r['temp_gb_per_clip']:.2f} GB/clip)"))
+        if "step_s" in r:
+            head += f", {r['step_s']:.2f} s/step, {r['clips_per_s']:.3f} clips/s per device"
+        print(head, flush=True)
     return rows
 
 

@@ -66,7 +66,7 @@ class TrainForwardConfig:
 
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_blocks: bool = False  # jax.checkpoint each Hiera block
-    remat_frames: bool = False  # jax.checkpoint each tracking frame
+    remat_frames: bool = False  # jax.checkpoint each frame: its image encoding (one frame at a time) and tracking step
     unroll: bool = False  # Python loop with compact lists (reference structure) instead of lax.scan
     deterministic: bool = False  # True: dropout / drop-path off (for tests)
 
@@ -253,16 +253,28 @@ def _frame_feats(feats, t):
 # ----------------------------------------------------------------------------- the clip
 
 
-def _all_features(model, batch: ClipBatch, fcfg: TrainForwardConfig):
-    """Image features of every frame of both views, frame-major: each field [T, B, ...]."""
+def _frame_major_images(batch: ClipBatch):
+    """[T, 2B, S, S, 3]: for each frame the B source images then the B target images."""
+    imgs = jnp.concatenate([batch.src_images, batch.tgt_images], axis=0)  # [2B, T, S, S, 3]
+    return jnp.swapaxes(imgs, 0, 1)
+
+
+def _all_features(model, batch: ClipBatch, fcfg: TrainForwardConfig, encoded=None):
+    """Image features of every frame of both views, frame-major: each field [T, B, ...].
+
+    ``encoded``: ``(fpn levels, pos)`` already computed, each [T, 2B, ...] (the per-frame
+    path of :func:`clip_forward`); otherwise all T*2B images are encoded in one batch."""
     dtype = fcfg.compute_dtype
     B, T = batch.src_images.shape[:2]
-    imgs = jnp.concatenate([batch.src_images, batch.tgt_images], axis=0)  # [2B, T, S, S, 3]
-    imgs = jnp.swapaxes(imgs, 0, 1).reshape((T * 2 * B,) + imgs.shape[2:])  # frame-major
-    fpn, pos = encode_images(model, imgs, remat_blocks=fcfg.remat_blocks, dtype=dtype)
+    if encoded is None:
+        imgs = _frame_major_images(batch)
+        fpn, pos = encode_images(model, imgs.reshape((T * 2 * B,) + imgs.shape[2:]),
+                                 remat_blocks=fcfg.remat_blocks, dtype=dtype)
+    else:
+        fpn, pos = encoded
 
-    def per_frame(x):  # [T*2B, ...] -> (src [T, B, ...], tgt [T, B, ...])
-        x = x.reshape((T, 2, B) + x.shape[1:])
+    def per_frame(x):  # [T*2B, ...] or [T, 2B, ...] -> (src [T, B, ...], tgt [T, B, ...])
+        x = x.reshape((T, 2, B) + x.shape[(1 if encoded is None else 2):])
         return x[:, 0], x[:, 1]
 
     _, fpn0 = per_frame(fpn[0])
@@ -302,7 +314,18 @@ def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForw
         m = nnx.merge(graphdef, cparams, rngs_, crest)
         return _all_features(m, b, fcfg), nnx.state(m, nnx.RngState)
 
-    feats, rngs = jax.checkpoint(encode, policy=jax.checkpoint_policies.everything_saveable)(rngs, batch)
+    def encode_frame(rngs_, imgs):  # the 2B images of one frame
+        m = nnx.merge(graphdef, cparams, rngs_, crest)
+        return nnx.state(m, nnx.RngState), encode_images(m, imgs, remat_blocks=fcfg.remat_blocks, dtype=dtype)
+
+    if fcfg.remat_frames:
+        # one frame at a time, recomputed in the backward pass: the encoder's activations
+        # live for 2B images instead of T*2B (b+ at 480, 8 frames: ~8x less peak memory)
+        rngs, encoded = jax.lax.scan(jax.checkpoint(encode_frame, prevent_cse=False), rngs,
+                                     _frame_major_images(batch))
+        feats = _all_features(None, batch, fcfg, encoded=encoded)
+    else:
+        feats, rngs = jax.checkpoint(encode, policy=jax.checkpoint_policies.everything_saveable)(rngs, batch)
 
     B = batch.src_images.shape[0]
     h, w, C = feats.tgt_feat.shape[2:]

@@ -58,7 +58,7 @@ class ModelSection:
     drop_path_rate: Optional[float] = None  # Hiera stochastic depth; None keeps the model config's value
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
     remat_blocks: bool = False  # jax.checkpoint per Hiera block
-    remat_frames: bool = False  # jax.checkpoint per tracked frame
+    remat_frames: bool = False  # jax.checkpoint per frame (image encoding one frame at a time, tracking step)
 
 
 @dataclass(frozen=True)
