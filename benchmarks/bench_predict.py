@@ -69,8 +69,9 @@ def _cpu_seconds() -> float:
 def _quarters(stamps, chunk: int):
     """Wall seconds per frame between chunk dispatches in the first and the last quarter of
     a run (dispatch blocks once the device queue is full, so in the steady state the gap
-    between dispatches is the chunk's compute time)."""
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    between dispatches is the chunk's compute time). The first 3 gaps are left out: while
+    the queue fills, dispatches return early."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][3:]
     if len(gaps) < 4:
         return None, None
     q = len(gaps) // 4
