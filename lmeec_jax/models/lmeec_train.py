@@ -264,17 +264,16 @@ def _all_features(model, batch: ClipBatch, fcfg: TrainForwardConfig, encoded=Non
 
     ``encoded``: ``(fpn levels, pos)`` already computed, each [T, 2B, ...] (the per-frame
     path of :func:`clip_forward`); otherwise all T*2B images are encoded in one batch."""
-    dtype = fcfg.compute_dtype
     B, T = batch.src_images.shape[:2]
     if encoded is None:
         imgs = _frame_major_images(batch)
-        fpn, pos = encode_images(model, imgs.reshape((T * 2 * B,) + imgs.shape[2:]),
-                                 remat_blocks=fcfg.remat_blocks, dtype=dtype)
-    else:
-        fpn, pos = encoded
+        encoded = jax.tree.map(lambda x: x.reshape((T, 2 * B) + x.shape[1:]),
+                               encode_images(model, imgs.reshape((T * 2 * B,) + imgs.shape[2:]),
+                                             remat_blocks=fcfg.remat_blocks, dtype=fcfg.compute_dtype))
+    fpn, pos = encoded
 
-    def per_frame(x):  # [T*2B, ...] or [T, 2B, ...] -> (src [T, B, ...], tgt [T, B, ...])
-        x = x.reshape((T, 2, B) + x.shape[(1 if encoded is None else 2):])
+    def per_frame(x):  # [T, 2B, ...] -> (src [T, B, ...], tgt [T, B, ...])
+        x = x.reshape((T, 2, B) + x.shape[2:])
         return x[:, 0], x[:, 1]
 
     _, fpn0 = per_frame(fpn[0])
