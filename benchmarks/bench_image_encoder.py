@@ -58,7 +58,7 @@ def main(argv=None):
     import torch
     from tests.reference import numpy_state_dict, reference_model, to_nchw
     from tests.test_image_encoder import build_image_encoder
-    from lmeec_jax.weights import load_state_dict
+    from lmeec_jax.models.weights import load_state_dict
 
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "

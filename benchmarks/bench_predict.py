@@ -8,7 +8,7 @@ A synthetic take (``lmeec_jax.data.synthetic``, aria + 1 exo camera) is rendered
 with a few frames; videos of every requested length are made from it by looping its
 frames (symlinked JPEGs, annotation keys copied), keeping one object whose source mask is
 present on every rendered frame, so every frame is processed. Each length runs as its own
-single-video split through :func:`lmeec_jax.predict.predict_split`, after a warm-up run
+single-video split through :func:`lmeec_jax.inference.split.predict_split`, after a warm-up run
 that compiles the model (one compile: chunk K, batch 1), and reports
 
 * wall seconds, seconds per frame and frames per second (compile excluded);
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     model_name = args.model or ("lmeec_hiera_nano" if args.quick else "lmeec_hiera_b+")
     lengths = [int(x) for x in (args.lengths or ("16,64" if args.quick else "16,128,512")).split(",")]
 
-    from lmeec_jax import predict as P
+    from lmeec_jax.inference import split as P
     from lmeec_jax.data.synthetic import make_synthetic_split
 
     work = args.work or tempfile.mkdtemp(prefix="bench_predict_")

@@ -33,11 +33,11 @@ MODELS = {
 
 
 def bench(key: str, batch: int, frames: int, steps: int, dtype: str, remat: bool) -> dict:
-    from lmeec_jax.config import get_config
-    from lmeec_jax.losses import LossConfig
-    from lmeec_jax.models import lmeec_train as LT
+    from lmeec_jax.models.config import get_config
+    from lmeec_jax.training.losses import LossConfig
+    from lmeec_jax.training import forward as LT
     from lmeec_jax.models.sam2 import build_model
-    from lmeec_jax.optim import OptimConfig, make_optimizer
+    from lmeec_jax.training.optim import OptimConfig, make_optimizer
     from lmeec_jax.training.trainer import make_train_step
 
     spec = MODELS[key]

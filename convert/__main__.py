@@ -55,9 +55,9 @@ def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
 def convert(src: Path, out: Path, model: str | None = None, image_size: int | None = None, log=print):
     """Convert ``src`` into the model directory ``out``; returns the ModelConfig."""
     from convert.infer import MV_MOE_KEYS, resolve_config
-    from lmeec_jax.checkpoint import save_model
+    from lmeec_jax.models.checkpoint import save_model
     from lmeec_jax.models.sam2 import build_model
-    from lmeec_jax.weights import load_state_dict
+    from lmeec_jax.models.weights import load_state_dict
 
     sd = read_torch_state_dict(src)
     cfg = resolve_config({k: v.shape for k, v in sd.items()}, model, image_size)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                    "e.g. sam2.1_hiera_b+ or lmeec_hiera_b+")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: 1024 for SAM 2.1, 480 for LM-EEC)")
     args = p.parse_args(argv)
-    from lmeec_jax.weights import StateDictMismatch
+    from lmeec_jax.models.weights import StateDictMismatch
 
     try:
         convert(args.src, args.out, args.model, args.image_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from lmeec_jax.config import CONFIGS, ModelConfig, get_config
+from lmeec_jax.models.config import CONFIGS, ModelConfig, get_config
 
 MV_MOE_PREFIX = "MV_MoE."
 # The 12 tensors LM-EEC adds on top of SAM 2.1.

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from lmeec_jax.data.gt import GTBuildError, build_gt, write_gt
+    from lmeec_jax.evaluation.gt import GTBuildError, build_gt, write_gt
 
     warnings = []
     try:

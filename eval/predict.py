@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from lmeec_jax.predict import load_predict_model, predict_split
+    from lmeec_jax.inference.split import load_predict_model, predict_split
 
     if args.chunk < 1 or args.max_objects < 1:
         print("error: --chunk and --max-objects must be >= 1", file=sys.stderr)

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from lmeec_jax.metrics import format_table, score
+    from lmeec_jax.evaluation.metrics import format_table, score
 
     if args.protocol == "official" and os.path.isdir(args.pred):
         print(f"error: {args.pred} is a directory; the official protocol needs the prediction JSON", file=sys.stderr)

@@ -7,8 +7,8 @@ from tests.reference import numpy_state_dict, reference_model, torch
 
 from convert.__main__ import main as convert_main
 from convert.infer import MV_MOE_KEYS, infer_model_name
-from lmeec_jax.checkpoint import load_model
-from lmeec_jax.weights import to_state_dict
+from lmeec_jax.models.checkpoint import load_model
+from lmeec_jax.models.weights import to_state_dict
 
 
 @pytest.fixture(scope="module")

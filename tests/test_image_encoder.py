@@ -21,7 +21,7 @@ from tests.reference import CONFIGS, max_err, numpy_state_dict, reference_model,
 
 from lmeec_jax.models.fpn import FpnNeck, ImageEncoder
 from lmeec_jax.models.hiera import Hiera, max_pool2d, window_partition, window_unpartition
-from lmeec_jax.weights import load_state_dict, to_state_dict
+from lmeec_jax.models.weights import load_state_dict, to_state_dict
 
 import sam2
 

@@ -142,11 +142,11 @@ def _run_ours(clip_dir, clip, ckpt, image_size, chunk):
     from flax import nnx
 
     from convert.__main__ import read_torch_state_dict
-    from lmeec_jax.config import get_config
+    from lmeec_jax.models.config import get_config
     from lmeec_jax.data.images import load_frames, resize_mask_source
-    from lmeec_jax.models import lmeec
+    from lmeec_jax.tracking import frame_step as lmeec
     from lmeec_jax.models.sam2 import build_model
-    from lmeec_jax.weights import load_state_dict
+    from lmeec_jax.models.weights import load_state_dict
 
     cfg = get_config("sam2.1_hiera_t", image_size=image_size, mv_moe=True, dynamic_multimask_via_stability=False)
     model = build_model(cfg, abstract=True)
@@ -202,7 +202,7 @@ def test_inputs_match(run):
 
 def test_bank_schedule(run):
     """The reference's bank sizes per frame are those of our eager memory rule (memory.py)."""
-    from lmeec_jax.memory import EagerDualMemory
+    from lmeec_jax.tracking.memory import EagerDualMemory
 
     ref = run["ref"]
     em = EagerDualMemory(T)
@@ -259,7 +259,7 @@ def test_reference_crash_on_empty_bank_is_reported(reference):
     ``StepInfo.ref_would_crash``) at the same frame."""
     import jax.numpy as jnp
 
-    from lmeec_jax import memory as mem
+    from lmeec_jax.tracking import memory as mem
 
     ref_dir, work, ckpt = reference
     root = work / "crash"

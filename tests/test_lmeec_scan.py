@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmeec_jax.config import get_config
-from lmeec_jax.models import lmeec
+from lmeec_jax.models.config import get_config
+from lmeec_jax.tracking import frame_step as lmeec
 from lmeec_jax.models.sam2 import build_model
 from tests.lmeec_eager import eager_track
 

@@ -1,4 +1,4 @@
-"""Losses of LM-EEC training (lmeec_jax.losses): hand-checked values, gradients, the
+"""Losses of LM-EEC training (lmeec_jax.training.losses): hand-checked values, gradients, the
 multimask min-selection, presence masking, and (when torch + the sam2 package's `training`
 are importable) parity with the reference ``MultiStepMultiMasksAndIous``."""
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmeec_jax import losses as L
+from lmeec_jax.training import losses as L
 
 LN2 = math.log(2.0)
 

@@ -18,7 +18,7 @@ from tests.reference import max_err, numpy_state_dict, reference_model, to_nchw,
 from lmeec_jax.models.mask_decoder import MaskDecoder
 from lmeec_jax.models.prompt_encoder import PromptEncoder
 from lmeec_jax.models.transformer import TwoWayTransformer
-from lmeec_jax.weights import load_state_dict
+from lmeec_jax.models.weights import load_state_dict
 
 REL_TOL = 1e-5  # relative to max(1, |reference|_inf)
 ABS_TOL = 1e-4

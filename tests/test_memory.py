@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmeec_jax import memory as mem
+from lmeec_jax.tracking import memory as mem
 
 N, C, D = 12, 8, 32  # small tokens / mem_dim / pointer dim (pointer -> 4 tokens of 8)
 

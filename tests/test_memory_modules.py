@@ -20,7 +20,7 @@ from lmeec_jax.models.memory_attention import MemoryAttention, MemoryAttentionLa
 from lmeec_jax.models.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
 from lmeec_jax.models.position_encoding import PositionEmbeddingSine
 from lmeec_jax.models.rope import apply_rotary_enc, compute_axial_cis, freqs_for_length
-from lmeec_jax.weights import load_state_dict
+from lmeec_jax.models.weights import load_state_dict
 
 RTOL = 1e-4
 

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from lmeec_jax import metrics as M
-from lmeec_jax.data.gt import build_gt
+from lmeec_jax.evaluation import metrics as M
+from lmeec_jax.evaluation.gt import build_gt
 from lmeec_jax.data.rle import decode_rle, encode_mask
 
 NORM = 480 * math.sqrt(2)  # location-error divisor, whatever the mask shape
@@ -343,7 +343,7 @@ def test_build_gt_layout(small_gt, tmp_path):
 
 
 def test_build_gt_split_selection_and_errors(tmp_path):
-    from lmeec_jax.data.gt import GTBuildError
+    from lmeec_jax.evaluation.gt import GTBuildError
 
     root = str(tmp_path / "data")
     sp = _small_split()

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from lmeec_jax.models.mv_moe import MV_MoE, mv_moe_or_view
-from lmeec_jax.weights import load_state_dict, to_state_dict, torch_names
+from lmeec_jax.models.weights import load_state_dict, to_state_dict, torch_names
 
 REF_FILE = "/tmp/ref/juneyeeHu+LM-EEC/sam2/modeling/sam2_base.py"
 

@@ -1,4 +1,4 @@
-"""The LM-EEC optimiser (lmeec_jax.optim): per-parameter lr / weight decay, cosine schedule,
+"""The LM-EEC optimiser (lmeec_jax.training.optim): per-parameter lr / weight decay, cosine schedule,
 torch-style clipping, one-step updates, nnx.Optimizer use, and (when torch + hydra + the sam2
 package's ``training`` are importable) parity with the reference ``construct_optimizer`` +
 ``layer_decay_param_modifier`` + ``GradientClipper`` + ``torch.optim.AdamW``."""
@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lmeec_jax import optim as O
+from lmeec_jax.training import optim as O
 
 NB = 24  # Hiera b+ blocks: stages (2, 3, 16, 3)
 L = NB + 1

@@ -20,14 +20,14 @@ from flax import nnx
 from pycocotools import mask as mask_utils
 
 from eval.__main__ import main as eval_main
-from lmeec_jax import predict as P
-from lmeec_jax.checkpoint import save_model
-from lmeec_jax.config import get_config
+from lmeec_jax.inference import split as P
+from lmeec_jax.models.checkpoint import save_model
+from lmeec_jax.models.config import get_config
 from lmeec_jax.data import egoexo
-from lmeec_jax.data.gt import build_gt, write_gt
+from lmeec_jax.evaluation.gt import build_gt, write_gt
 from lmeec_jax.data.synthetic import make_synthetic_split
-from lmeec_jax.metrics import score_lmeec, score_official
-from lmeec_jax.models import lmeec
+from lmeec_jax.evaluation.metrics import score_lmeec, score_official
+from lmeec_jax.tracking import frame_step as lmeec
 from lmeec_jax.models.sam2 import build_model
 
 N_FRAMES = 5

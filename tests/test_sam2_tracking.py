@@ -9,10 +9,10 @@ from flax import nnx
 
 from tests.reference import max_err, numpy_state_dict, reference_model, to_nhwc, torch
 
-from lmeec_jax.config import get_config
+from lmeec_jax.models.config import get_config
 from lmeec_jax.models.sam2 import build_model
-from lmeec_jax.models.sam2_video import init_state, track_step
-from lmeec_jax.weights import load_state_dict
+from tests.sam2_video import init_state, track_step
+from lmeec_jax.models.weights import load_state_dict
 
 SIZE = 480
 

@@ -64,7 +64,7 @@ def _cfg(train_dir, jax_cache, **over) -> C.Config:
 
 
 def _tiny_model(**over):
-    from lmeec_jax.config import get_config
+    from lmeec_jax.models.config import get_config
     from lmeec_jax.models.sam2 import build_model
 
     kw = dict(image_size=S, memory_attention_layers=1, fuser_layers=1)
@@ -136,7 +136,7 @@ def test_scan_equals_unrolled_reference_structure():
 
     num_maskmem=3 (2 window slots) and 4 frames so that the window slides (frame 3 sees
     frames 1-2 in the window but the pointers of frames 0-2)."""
-    from lmeec_jax.models import lmeec_train as LT
+    from lmeec_jax.training import forward as LT
 
     model = _tiny_model(num_maskmem=3)
     b = model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
@@ -174,7 +174,7 @@ def test_bfloat16_compute_float32_outputs():
     object scores stay float32. Checked on the jaxpr (no compilation)."""
     import collections
 
-    from lmeec_jax.models import lmeec_train as LT
+    from lmeec_jax.training import forward as LT
 
     model = _tiny_model()
     model.train()
@@ -193,7 +193,7 @@ def test_rematerialisation_same_values_and_gradients_less_memory():
     the image encoder run one frame at a time) gives the same outputs and parameter
     gradients as the plain forward, needs less temporary memory in the compiled gradient,
     and in training mode (drop path / dropout on) still advances the RNG streams."""
-    from lmeec_jax.models import lmeec_train as LT
+    from lmeec_jax.training import forward as LT
 
     model = _tiny_model()
     g, p, r, rest = LT.split_model(model)
@@ -242,9 +242,9 @@ def test_one_step_lr_and_weight_decay_masks():
     override), frozen parameters, weight decay only where it belongs."""
     import optax
 
-    from lmeec_jax.losses import LossConfig
-    from lmeec_jax.models import lmeec_train as LT
-    from lmeec_jax.optim import OptimConfig, make_optimizer, param_name
+    from lmeec_jax.training.losses import LossConfig
+    from lmeec_jax.training import forward as LT
+    from lmeec_jax.training.optim import OptimConfig, make_optimizer, param_name
     from lmeec_jax.training.trainer import make_train_step
 
     model = _tiny_model()
@@ -299,9 +299,9 @@ def test_data_parallel_step_equals_single_device(tmp_path):
         sys.path.insert(0, {str(REPO)!r})
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from lmeec_jax.losses import LossConfig
-        from lmeec_jax.models import lmeec_train as LT
-        from lmeec_jax.optim import OptimConfig, make_optimizer
+        from lmeec_jax.training.losses import LossConfig
+        from lmeec_jax.training import forward as LT
+        from lmeec_jax.training.optim import OptimConfig, make_optimizer
         from lmeec_jax.training.trainer import make_train_step, make_mesh, BATCH_KEYS
         from tests.test_train import _tiny_model, _batch
         assert jax.device_count() == 2
@@ -388,7 +388,7 @@ def test_pipeline_deterministic_sharded_and_resumable(synth_dir):
 
 
 def test_unfinished_checkpoint_is_ignored(tmp_path):
-    from lmeec_jax.checkpointing import Checkpointer, abstract_like
+    from lmeec_jax.training.checkpointing import Checkpointer, abstract_like
 
     state = {"step": jnp.int32(1), "w": jnp.arange(6.0).reshape(2, 3)}
     ck = Checkpointer(tmp_path / "ck", keep=3, async_save=True)

@@ -304,7 +304,7 @@ class Hiera(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if weights_path is not None:
-            raise ValueError("load weights with lmeec_jax.weights.load_state_dict, not weights_path")
+            raise ValueError("load weights with lmeec_jax.models.weights.load_state_dict, not weights_path")
         if len(stages) != len(window_spec):
             raise ValueError("stages and window_spec must have the same length")
         self.window_spec = tuple(window_spec)

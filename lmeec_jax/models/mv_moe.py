@@ -117,7 +117,7 @@ class MV_MoE(nnx.Module):  # noqa: N801  (name mirrors the torch attribute ``MV_
 
 def mv_moe_or_view(moe: MV_MoE, M, V, has_memory):
     """The reference's branch (sam2_base.py l.995-1014) for ``lax.scan``: ``moe(M, V)`` where
-    ``has_memory`` (a scalar bool, see :func:`lmeec_jax.memory.has_past_memory`) else ``V``.
+    ``has_memory`` (a scalar bool, see :func:`lmeec_jax.tracking.memory.has_past_memory`) else ``V``.
 
     Both branches are computed and ``V`` is selected by value, so a garbage ``M`` (e.g. from
     attention over an all-masked memory) never reaches the output; for gradients ``M`` should

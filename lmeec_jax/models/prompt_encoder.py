@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from lmeec_jax.models.common import Activation, conv2d
-from lmeec_jax.weights import Buffer
+from lmeec_jax.models.weights import Buffer
 
 
 def embedding(num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:

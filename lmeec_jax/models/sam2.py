@@ -9,8 +9,8 @@ so that ``weights.load_state_dict`` maps a checkpoint without a name table.
 The methods are the building blocks of a tracking step, all jittable, NHWC, with
 fixed shapes: image features, SAM heads, memory encoding, memory conditioning over a
 padded set of memory slots with validity masks, and object-pointer tokens. The SAM 2.1
-video ``track_step`` over fixed slots is in :mod:`lmeec_jax.models.sam2_video`; the LM-EEC
-two-view step is in :mod:`lmeec_jax.models.lmeec`.
+video ``track_step`` over fixed slots is in :mod:`tests.sam2_video`; the LM-EEC
+two-view step is in :mod:`lmeec_jax.tracking.frame_step`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmeec_jax.config import ModelConfig
+from lmeec_jax.models.config import ModelConfig
 from lmeec_jax.models.common import MLP, conv2d, resize_bilinear
 from lmeec_jax.models.fpn import FpnNeck, ImageEncoder
 from lmeec_jax.models.hiera import Hiera

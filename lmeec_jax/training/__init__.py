@@ -2,6 +2,6 @@
 
 ``python -m train`` (see ``train/__main__.py``) is the command line; the pieces:
 :mod:`.config`, :mod:`.trainer`, :mod:`.evaluate`, the forward pass
-:mod:`lmeec_jax.models.lmeec_train`, the input pipeline :mod:`lmeec_jax.data.pipeline` and
-checkpoints :mod:`lmeec_jax.checkpointing`.
+:mod:`lmeec_jax.training.forward`, the input pipeline :mod:`lmeec_jax.data.pipeline` and
+checkpoints :mod:`lmeec_jax.training.checkpointing`.
 """

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import yaml
 
 from lmeec_jax.data.synthetic import PATTERNS
-from lmeec_jax.losses import LossConfig
-from lmeec_jax.optim import OptimConfig
+from lmeec_jax.training.losses import LossConfig
+from lmeec_jax.training.optim import OptimConfig
 
 __all__ = [
     "ModelSection",
@@ -50,7 +50,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = "lmeec_hiera_nano"  # lmeec_jax.config.get_config name
+    name: str = "lmeec_hiera_nano"  # lmeec_jax.models.config.get_config name
     overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {image_size: 64, trunk: {...}}
     init_from: Optional[str] = None  # converted SAM 2.1 / LM-EEC model dir (python -m convert); None: random init
     fresh: tuple = ("MV_MoE.",)  # parameter-name prefixes allowed to be missing from init_from (initialised fresh)

@@ -1,14 +1,14 @@
 """Validation inside training: the inference tracker over whole validation videos, scored
-with LM-EEC's own protocol (:mod:`lmeec_jax.metrics`).
+with LM-EEC's own protocol (:mod:`lmeec_jax.evaluation.metrics`).
 
 Per video (ego→exo listing of :func:`lmeec_jax.data.egoexo.list_videos`), the frames run
-through :func:`lmeec_jax.models.lmeec.scan_chunk` (inference semantics: compressed dual
+through :func:`lmeec_jax.tracking.frame_step.scan_chunk` (inference semantics: compressed dual
 memory, frames with an empty source mask skipped) in chunks of ``chunk`` frames. Samples
 are the processed frames; the target GT is squashed to 480x480 (nearest), "exists" when the
 target has the frame key and the mask is non-empty; the prediction is the low-res logits
 upsampled to 480x480, ``> 0``; confidence = area > 0.1 % (LM-EEC's ``merge_results``).
 IoU / contour accuracy / location error are pooled over samples whose GT exists, balanced
-accuracy over all samples (:class:`lmeec_jax.metrics.Pool`).
+accuracy over all samples (:class:`lmeec_jax.evaluation.metrics.Pool`).
 
 The *baseline* pastes the source GT mask (squashed to 480x480 the same way) as the
 prediction for the same samples.
@@ -27,8 +27,8 @@ from PIL import Image
 
 from lmeec_jax.data.egoexo import DataError, VideoRecord, decode_mask, load_annotation, load_video
 from lmeec_jax.data.images import denormalize, resize_mask_nearest
-from lmeec_jax.metrics import EVAL_SIZE, Pool, lmeec_confidence
-from lmeec_jax.models import lmeec
+from lmeec_jax.evaluation.metrics import EVAL_SIZE, Pool, lmeec_confidence
+from lmeec_jax.tracking import frame_step as lmeec
 
 __all__ = ["Validator"]
 

@@ -2,7 +2,7 @@
 
 State (one pytree, replicated over the ``data`` mesh axis, donated to the step):
 ``{"step", "params", "opt_state", "rest"}`` — float32 parameters, the optax state of
-:func:`lmeec_jax.optim.make_optimizer`, and the model's non-trainable buffers. Dropout and
+:func:`lmeec_jax.training.optim.make_optimizer`, and the model's non-trainable buffers. Dropout and
 drop-path keys are not state: step ``s`` reseeds every stream from ``(seed, s)``, so a
 resumed run draws the same masks as an uninterrupted one.
 
@@ -27,18 +27,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmeec_jax import checkpoint as model_ckpt
-from lmeec_jax.checkpointing import Checkpointer, abstract_like
-from lmeec_jax.config import get_config
+from lmeec_jax.models import checkpoint as model_ckpt
+from lmeec_jax.training.checkpointing import Checkpointer, abstract_like
+from lmeec_jax.models.config import get_config
 from lmeec_jax.data import egoexo
 from lmeec_jax.data.pipeline import ClipSpec, make_iterator, make_train_dataset, steps_per_epoch
 from lmeec_jax.data.transforms import AugmentConfig
-from lmeec_jax.losses import multistep_multimask_loss
-from lmeec_jax.models import lmeec_train as LT
+from lmeec_jax.training.losses import multistep_multimask_loss
+from lmeec_jax.training import forward as LT
 from lmeec_jax.models.sam2 import build_model
-from lmeec_jax.optim import cosine_schedule, make_optimizer, param_names
+from lmeec_jax.training.optim import cosine_schedule, make_optimizer, param_names
 from lmeec_jax.training.config import Config, save_config, to_dict
-from lmeec_jax.weights import load_state_dict
+from lmeec_jax.models.weights import load_state_dict
 
 __all__ = ["Trainer", "NonFiniteLoss", "setup_runtime", "make_mesh", "make_train_step", "build_train_model",
            "prepare_synthetic", "local_copy"]

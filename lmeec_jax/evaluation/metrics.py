@@ -55,7 +55,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.rle import RLEError, check_rle, decode_rle
+from lmeec_jax.data.rle import RLEError, check_rle, decode_rle
 
 __all__ = [
     "EVAL_SIZE",

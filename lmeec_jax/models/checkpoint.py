@@ -21,8 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmeec_jax.config import ModelConfig
-from lmeec_jax.weights import load_state_dict, to_state_dict
+from lmeec_jax.models.config import ModelConfig
+from lmeec_jax.models.weights import load_state_dict, to_state_dict
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .rle import RLEError, check_rle
+from lmeec_jax.data.rle import RLEError, check_rle
 
 __all__ = ["GTBuildError", "build_gt", "list_split_takes", "write_gt"]
 

@@ -61,9 +61,9 @@ from lmeec_jax.data import egoexo
 from lmeec_jax.data.egoexo import DataError, DataReport, VideoRecord
 from lmeec_jax.data.images import normalize_uint8, open_rgb, resize_mask_source
 from lmeec_jax.data.rle import encode_mask
-from lmeec_jax.memory import AUTOCAST
-from lmeec_jax.metrics import TASK_KEYS, official_eval_shape
-from lmeec_jax.models import lmeec
+from lmeec_jax.tracking.memory import AUTOCAST
+from lmeec_jax.evaluation.metrics import TASK_KEYS, official_eval_shape
+from lmeec_jax.tracking import frame_step as lmeec
 
 OUT_SIZE = 480  # side of the per-frame masks (the reference's image_size for LM-EEC)
 DEFAULT_CHUNK = 8
@@ -674,11 +674,11 @@ def load_predict_model(checkpoint: str, seed: int = 0):
     """``DIR`` written by ``python -m convert`` / ``save_model``, or ``random:<config-name>``
     (random weights). Returns (model, cfg)."""
     if checkpoint.startswith("random:"):
-        from lmeec_jax.config import get_config
+        from lmeec_jax.models.config import get_config
         from lmeec_jax.models.sam2 import build_model
 
         cfg = get_config(checkpoint.split(":", 1)[1])
         return build_model(cfg, seed=seed), cfg
-    from lmeec_jax.checkpoint import load_model
+    from lmeec_jax.models.checkpoint import load_model
 
     return load_model(checkpoint, seed=seed)

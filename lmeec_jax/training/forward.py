@@ -2,7 +2,7 @@
 
 This is ``SAM2Train.forward`` with ``SAM2Base._prepare_memory_conditioned_features_wo_prompt``
 (``training/model/sam2.py``, ``sam2/modeling/sam2_base.py`` l.554-772 of the reference),
-which differs from the inference step of :mod:`lmeec_jax.models.lmeec`
+which differs from the inference step of :mod:`lmeec_jax.tracking.frame_step`
 (see ``docs/lmeec_semantics.md`` §6):
 
 * clips of ``T`` (8) frames, every frame processed (an empty source mask is just encoded);
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmeec_jax.memory import training_window_tpos_index
+from lmeec_jax.tracking.memory import training_window_tpos_index
 from lmeec_jax.models.sam2 import SAM2Model
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmeec_jax import memory as mem
+from lmeec_jax.tracking import memory as mem
 from lmeec_jax.models.common import resize_bilinear
 from lmeec_jax.models.sam2 import SAM2Model, get_1d_sine_pe
 

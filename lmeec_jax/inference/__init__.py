@@ -1,0 +1,1 @@
+"""Inference: the public :class:`Predictor`, the split runner and the submission files."""
