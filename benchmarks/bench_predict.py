@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     print(f"rendered {args.render_frames} frames in {time.perf_counter() - t0:.1f} s; object {obj!r}", flush=True)
 
     t0 = time.perf_counter()
-    model, cfg = P.load_predict_model(f"random:{model_name}")
+    from lmeec_jax.models.load import load as load_model_spec
+
+    model, cfg = load_model_spec(f"random:{model_name}")
     print(f"model built in {time.perf_counter() - t0:.1f} s (image size {cfg.image_size})", flush=True)
 
     class SampledRunner(P.ChunkRunner):

@@ -5,7 +5,7 @@
 SPLIT_DIR holds ``<take>/annotation.json`` (+ ``<cam>/<frame>.jpg``). ``--split`` picks
 ``SPLIT_DIR/NAME`` or the takes listed under NAME in ``SPLIT_DIR/split_checking.json``
 (or ``split.json``). ``annotated_frames`` come from ``--relations`` (official), else
-from ``annotation.json``, else a fallback (see ``lmeec_jax/data/gt.py``).
+from ``annotation.json``, else a fallback (see ``lmeec_jax/evaluation/gt.py``).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from lmeec_jax.evaluation.gt import GTBuildError, build_gt, write_gt
+    from lmeec_jax.data.errors import DataError
+    from lmeec_jax.evaluation.gt import build_gt, write_gt
 
     warnings = []
     try:
         gt = build_gt(args.data, split=args.split, relations=args.relations, check_masks=not args.no_check,
                       warnings=warnings)
-    except GTBuildError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for w in warnings:

@@ -7,6 +7,9 @@ import time
 
 
 def register(subparsers) -> None:
+    from lmeec_jax.data.synthetic import PATTERNS, SynthConfig
+
+    d = SynthConfig()  # the generator's defaults
     p = subparsers.add_parser(
         "make-synthetic",
         help="render synthetic ego-exo takes (processed EgoExo4D layout)",
@@ -16,20 +19,22 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="split directory to write (<out>/<take>/...)")
     p.add_argument("--takes", type=int, required=True, help="number of takes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=16, help="frames per take (named 0, 30, 60, ...)")
-    p.add_argument("--exo-cams", type=int, default=1, help="exocentric cameras per take")
+    p.add_argument("--frames", type=int, default=d.n_frames, help="frames per take (named 0, 30, 60, ...)")
+    p.add_argument("--exo-cams", type=int, default=d.n_exo, help="exocentric cameras per take")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpus))")
-    p.add_argument("--render-div", type=int, default=2, choices=(1, 2, 4),
+    p.add_argument("--render-div", type=int, default=d.render_div, choices=(1, 2, 4),
                    help="render at 1/N of the JPEG size, then upsample (nearest)")
     p.add_argument("--frame-size-masks", action="store_true",
                    help="masks at the JPEG size instead of the raw camera size (2x ego, 4x exo)")
     p.add_argument("--split-name", default="train", help="key used in <out>/split.json")
-    p.add_argument("--object-scale", type=float, default=1.0, help="multiply every object's size")
-    p.add_argument("--exo-distance", type=float, nargs=2, default=(1.7, 2.5), metavar=("MIN", "MAX"),
+    p.add_argument("--object-scale", type=float, default=d.object_scale, help="multiply every object's size")
+    p.add_argument("--exo-distance", type=float, nargs=2, default=d.exo_distance, metavar=("MIN", "MAX"),
                    help="exocentric camera distance to the table, metres")
-    p.add_argument("--p-lookalike", type=float, default=0.3, help="probability of a look-alike distractor per object")
-    p.add_argument("--p-small", type=float, default=0.25, help="probability of a small object")
-    p.add_argument("--patterns", default="solid,stripes,checker,dots,grid", help="object textures to draw from")
+    p.add_argument("--p-lookalike", type=float, default=d.p_lookalike,
+                   help="probability of a look-alike distractor per object")
+    p.add_argument("--p-small", type=float, default=d.p_small, help="probability of a small object")
+    p.add_argument("--patterns", default=",".join(d.patterns),
+                   help=f"object textures to draw from (comma-separated: {','.join(PATTERNS)})")
     p.add_argument("--distinct-colours", action="store_true", help="no two objects share a main colour")
     p.set_defaults(func=main)
 

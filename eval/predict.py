@@ -3,7 +3,7 @@
     python -m eval predict --checkpoint DIR|random:<config> --data SPLIT_DIR \
         --direction ego2exo|exo2ego --out OUT_DIR [--chunk K] [--max-objects B] \
         [--batch-buckets 1,2,4,8] [--takes T1,T2] [--official-shape] \
-        [--dtype float32|bfloat16] [--no-progress]
+        [--dtype float32|bfloat16] [--precision highest|default] [--no-progress]
 
 Writes, as LM-EEC's ``tools/correspondence_inference.py`` does, one file per predicted
 frame, ``OUT_DIR/<take>/<src_cam>__<tgt_cam>/<object>/<frame>.json`` = the pycocotools
@@ -52,13 +52,16 @@ def register(subparsers) -> None:
                    help="write the per-frame JSONs at the official target shape instead of 480x480")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (float32: parity; bfloat16: like the reference's CUDA autocast)")
+    p.add_argument("--precision", default=None, choices=("highest", "default"),
+                   help="matmul precision (default: highest for float32, default for bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:<config> weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from lmeec_jax.inference.split import load_predict_model, predict_split
+    from lmeec_jax.models.load import MissingMVMoE
+    from lmeec_jax.inference.predictor import Predictor
 
     if args.chunk < 1 or args.max_objects < 1:
         print("error: --chunk and --max-objects must be >= 1", file=sys.stderr)
@@ -73,15 +76,19 @@ def main(args) -> int:
         print("error: --batch-buckets must be >= 1 and include a size >= --max-objects", file=sys.stderr)
         return 2
     try:
-        model, cfg = load_predict_model(args.checkpoint, seed=args.seed)
+        predictor = Predictor.load(args.checkpoint, seed=args.seed, dtype=args.dtype, precision=args.precision,
+                                   chunk=args.chunk, max_objects=args.max_objects)
+    except MissingMVMoE as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.checkpoint!r}: {e}", file=sys.stderr)
         return 2
+    cfg = predictor.cfg
     print(f"model {cfg.name} ({args.checkpoint}), image size {cfg.image_size}, dtype {args.dtype}, "
-          f"chunk {args.chunk}, max objects {args.max_objects}", flush=True)
-    summary = predict_split(model, args.data, args.direction, args.out, chunk=args.chunk,
-                            max_objects=args.max_objects, buckets=buckets, takes=takes, official_shape_frames=args.official_shape,
-                            dtype=args.dtype, progress=not args.no_progress)
+          f"precision {predictor.runner.precision}, chunk {args.chunk}, max objects {args.max_objects}", flush=True)
+    summary = predictor.predict_split(args.data, args.direction, args.out, buckets=buckets, takes=takes,
+                                      official_shape_frames=args.official_shape, progress=not args.no_progress)
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -28,12 +27,13 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     from lmeec_jax.data.prepare import prepare_split
+    from lmeec_jax.io import write_json_atomic
 
     rep = prepare_split(args.takepath, args.annotations, args.split_file, args.split, args.out,
                         takes=args.takes, min_height=args.min_height, progress=True)
     print(rep.summary())
     path = args.report or os.path.join(args.out, f"prepare_report_{args.split}.json")
-    with open(path, "w") as f:
-        json.dump({"done": rep.done, "skipped": rep.skipped, "failed": rep.failed, "warnings": rep.warnings}, f, indent=1)
+    write_json_atomic(path, {"done": rep.done, "skipped": rep.skipped, "failed": rep.failed, "warnings": rep.warnings},
+                      indent=1)
     print(f"report: {path}")
     return 0

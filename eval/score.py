@@ -16,7 +16,6 @@ fractions. Exit status 1 when the predictions (or the GT) are invalid.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -37,6 +36,7 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     from lmeec_jax.evaluation.metrics import format_table, score
+    from lmeec_jax.io import write_json_atomic
 
     if args.protocol == "official" and os.path.isdir(args.pred):
         print(f"error: {args.pred} is a directory; the official protocol needs the prediction JSON", file=sys.stderr)
@@ -57,8 +57,6 @@ def main(args) -> int:
         print(f"INVALID: {len(rep.errors)} errors", file=sys.stderr)
     print(format_table(rep))
     if args.json_out:
-        d = os.path.dirname(os.path.abspath(args.json_out))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(rep.to_json(), f, indent=1)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        write_json_atomic(args.json_out, rep.to_json(), indent=1)
     return 0 if rep.valid else 1

@@ -12,14 +12,9 @@ Views are drawn ``--height`` pixels high keeping their aspect ratio.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Optional
 
 import numpy as np
-
-GT_COLOUR = (40, 220, 60)
-PRED_COLOUR = (235, 40, 220)
 
 
 def register(subparsers) -> None:
@@ -36,51 +31,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def _resize_mask(m: np.ndarray, wh) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(wh, Image.NEAREST)) > 127
-
-
-def _contour(m: np.ndarray) -> np.ndarray:
-    e = m.copy()
-    e[1:] &= m[:-1]
-    e[:-1] &= m[1:]
-    e[:, 1:] &= m[:, :-1]
-    e[:, :-1] &= m[:, 1:]
-    c = m & ~e
-    c2 = c.copy()  # 2 px thick
-    c2[1:] |= c[:-1]
-    c2[:, 1:] |= c[:, :-1]
-    return c2
-
-
-def overlay(img: np.ndarray, mask: Optional[np.ndarray], colour, alpha: float = 0.4) -> np.ndarray:
-    if mask is None or not mask.any():
-        return img
-    out = img.astype(np.float32)
-    col = np.asarray(colour, np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * col
-    out[_contour(mask)] = col
-    return out.astype(np.uint8)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / (u + 1e-7))
-
-
 def render_video(split_dir, rec, out_dir, pred_dir=None, height=360, gif_ms=500, annotation=None):
     """Write the PNGs and the GIF of one video; returns the list of PNG paths."""
     from PIL import Image, ImageDraw
 
-    from lmeec_jax.data.egoexo import decode_mask, load_annotation
-    from lmeec_jax.data.images import read_rgb
+    from lmeec_jax.data.egoexo import ANNOTATION_FILE, ViewMasks, decode_mask, load_annotation
+    from lmeec_jax.data.images import read_rgb, resize_mask_nearest
+    from lmeec_jax.evaluation.metrics import iou
+    from lmeec_jax.evaluation.overlay import GT_COLOUR, PRED_COLOUR, overlay
+    from lmeec_jax.io import atomic_write, read_json
 
     take_dir = os.path.join(split_dir, rec.take)
     ann = annotation or load_annotation(take_dir, rec.take)
-    ann_path = os.path.join(take_dir, "annotation.json")
-    obj_ann = ann["masks"].get(rec.obj, {})
+    ann_path = os.path.join(take_dir, ANNOTATION_FILE)
+    views_gt = {cam: ViewMasks(ann, rec.take, rec.obj, cam, path=ann_path, same_size=False)
+                for cam in (rec.src_cam, rec.tgt_cam)}
     pair_dir = os.path.join(out_dir, rec.pair)
     os.makedirs(pair_dir, exist_ok=True)
     pngs, frames = [], []
@@ -92,23 +57,19 @@ def render_video(split_dir, rec, out_dir, pred_dir=None, height=360, gif_ms=500,
             h, w = img.shape[:2]
             wh = (max(1, round(w * height / h)), height)
             small = np.asarray(Image.fromarray(img).resize(wh, Image.BILINEAR))
-            gt = None
-            if f in obj_ann.get(cam, {}):
-                gt = _resize_mask(decode_mask(obj_ann[cam][f], path=ann_path, take=rec.take, camera=cam, frame=f), wh)
-            small = overlay(small, gt, GT_COLOUR)
+            gt_full = views_gt[cam].get(f)
+            gt = None if gt_full is None else resize_mask_nearest(gt_full, wh[::-1])
+            small = overlay(small, gt, GT_COLOUR, gt, alpha=0.4)
             label = f"{role} {cam}  frame {f}  " + ("GT" if gt is not None and gt.any() else
                                                     ("GT empty" if gt is not None else "no GT"))
             if role == "target" and pred_dir:
                 pp = os.path.join(pred_dir, rec.take, rec.pair, rec.obj, f + ".json")
                 if os.path.isfile(pp):
-                    with open(pp) as fh:
-                        rle = json.load(fh)
-                    pm = decode_mask(rle, path=pp)
-                    pred = _resize_mask(pm, wh)
-                    small = overlay(small, pred, PRED_COLOUR, alpha=0.3)
-                    g480 = (_resize_mask(decode_mask(obj_ann[cam][f], path=ann_path), pm.shape[::-1])
-                            if f in obj_ann.get(cam, {}) else np.zeros(pm.shape, bool))
-                    label += f"  pred IoU {_iou(pm.astype(bool), g480):.2f}"
+                    pm = decode_mask(read_json(pp, what="prediction"), path=pp)
+                    pred = resize_mask_nearest(pm, wh[::-1])
+                    small = overlay(small, pred, PRED_COLOUR, pred, alpha=0.3)
+                    g480 = resize_mask_nearest(gt_full, pm.shape) if gt_full is not None else np.zeros(pm.shape, bool)
+                    label += f"  pred IoU {iou(pm.astype(bool), g480):.2f}"
                 else:
                     label += "  no pred"
             views.append(small)
@@ -122,12 +83,13 @@ def render_video(split_dir, rec, out_dir, pred_dir=None, height=360, gif_ms=500,
             draw.text((x + 4, 5), t, fill=(255, 255, 255))
             x += v.shape[1] + 8
         path = os.path.join(pair_dir, f"{f}.png")
-        canvas.save(path)
+        with atomic_write(path, "wb") as fh:
+            canvas.save(fh, format="PNG")
         pngs.append(path)
         frames.append(canvas)
     if frames:
-        frames[0].save(os.path.join(out_dir, f"{rec.pair}.gif"), save_all=True, append_images=frames[1:],
-                       duration=gif_ms, loop=0)
+        with atomic_write(os.path.join(out_dir, f"{rec.pair}.gif"), "wb") as fh:
+            frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=gif_ms, loop=0)
     return pngs
 
 

@@ -1,6 +1,6 @@
 """An eager LM-EEC tracker that follows the reference control flow literally: a Python loop
 over frames, Python dicts of processed frames and growing/compressed Python lists
-(``memory.EagerDualMemory``), concatenating only the memories that exist. It is the oracle
+(``tests.memory_oracle.EagerDualMemory``), concatenating only the memories that exist. It is the oracle
 for the jitted fixed-slot ``lax.scan`` in ``lmeec_jax.tracking.frame_step``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmeec_jax.tracking.memory import EagerDualMemory
+from tests.memory_oracle import EagerDualMemory
 from lmeec_jax.models.sam2 import get_1d_sine_pe
 
 

@@ -144,7 +144,8 @@ def _run_ours(clip_dir, clip, ckpt, image_size, chunk):
     from convert.__main__ import read_torch_state_dict
     from lmeec_jax.models.config import get_config
     from lmeec_jax.data.images import load_frames, resize_mask_source
-    from lmeec_jax.tracking import frame_step as lmeec
+    from lmeec_jax.tracking import video as lmeec
+    from lmeec_jax.inference.transforms import upsample_logits
     from lmeec_jax.models.sam2 import build_model
     from lmeec_jax.models.weights import load_state_dict
 
@@ -176,7 +177,7 @@ def _run_ours(clip_dir, clip, ckpt, image_size, chunk):
     return {
         "src_images": src, "tgt_images": tgt, "src_mask": masks, "processed": processed,
         "low_res": low, "score": np.concatenate(scores),
-        "mask": np.asarray(lmeec.upsample_logits(low, (image_size, image_size))) > 0,
+        "mask": np.asarray(upsample_logits(low, (image_size, image_size))) > 0,
     }
 
 
@@ -260,6 +261,7 @@ def test_reference_crash_on_empty_bank_is_reported(reference):
     import jax.numpy as jnp
 
     from lmeec_jax.tracking import memory as mem
+    from tests import memory_oracle as oracle
 
     ref_dir, work, ckpt = reference
     root = work / "crash"
@@ -287,7 +289,7 @@ def test_reference_crash_on_empty_bank_is_reported(reference):
     assert mask_diff.max() <= 16
 
     processed = [t not in CRASH_SKIPPED for t in range(CRASH_T)]
-    em = mem.EagerDualMemory(CRASH_T)
+    em = oracle.EagerDualMemory(CRASH_T)
     f = np.ones((4, 2), np.float32)
     state = mem.init_state(4, 2, 8)
     crash_eager = crash_scan = None
@@ -302,6 +304,6 @@ def test_reference_crash_on_empty_bank_is_reported(reference):
                 try:
                     em.gather(t)
                     em.store(t, f, f, f, f, np.zeros(8, np.float32))
-                except mem.ReferenceCrash:
+                except oracle.ReferenceCrash:
                     crash_eager = t
     assert crash_eager == CRASH_FRAME and crash_scan == CRASH_FRAME

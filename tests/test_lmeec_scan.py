@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from lmeec_jax.models.config import get_config
-from lmeec_jax.tracking import frame_step as lmeec
+from lmeec_jax.tracking import video as lmeec
+from lmeec_jax.inference.transforms import upsample_logits
 from lmeec_jax.models.sam2 import build_model
 from tests.lmeec_eager import eager_track
 

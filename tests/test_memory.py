@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lmeec_jax.tracking import memory as mem
+from tests import memory_oracle as oracle
 
 N, C, D = 12, 8, 32  # small tokens / mem_dim / pointer dim (pointer -> 4 tokens of 8)
 
@@ -38,7 +39,7 @@ def test_duplicated_frame_is_dropped_for_every_token():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, N, C)).astype(np.float32)
     x[3] = x[2]  # entry 3 duplicates entry 2 -> d[2] = 0 -> drop 3 everywhere
-    f, p, drop = mem.compress_list(x, x + 1.0)
+    f, p, drop = oracle.compress_list(x, x + 1.0)
     np.testing.assert_array_equal(np.asarray(drop), 3)
     np.testing.assert_array_equal(np.asarray(f), x[[0, 1, 2, 4]])
     np.testing.assert_array_equal(np.asarray(p), x[[0, 1, 2, 4]] + 1.0)
@@ -51,12 +52,12 @@ def test_duplicated_frame_is_dropped_for_every_token():
 def test_ties_go_to_the_first_minimum():
     # one token, C=1: values 0, 1, 3, 4 -> d = [1, 2, 1] -> tie between pairs 0 and 2 -> k=0, drop 1
     x = np.array([0.0, 1.0, 3.0, 4.0], np.float32).reshape(4, 1, 1)
-    f, _, drop = mem.compress_list(x, x)
+    f, _, drop = oracle.compress_list(x, x)
     assert int(drop[0]) == 1
     np.testing.assert_array_equal(np.asarray(f).ravel(), [0.0, 3.0, 4.0])
     # all distances equal -> first pair
     y = np.arange(6, dtype=np.float32).reshape(6, 1, 1) * 2.0
-    assert int(mem.compress_list(y, y)[2][0]) == 1
+    assert int(oracle.compress_list(y, y)[2][0]) == 1
     out, d = _compress_bank(_bank(y))
     assert int(d[0]) == 1
 
@@ -67,7 +68,7 @@ def test_per_token_drops_differ():
     x[:, 0, 0] = [0.0, 0.1, 5.0, 9.0]  # token 0: pair 0 closest -> drop 1
     x[:, 1, 0] = [0.0, 5.0, 5.2, 9.0]  # token 1: pair 1 -> drop 2
     x[:, 2, 1] = [0.0, 4.0, 8.0, 8.05]  # token 2: pair 2 -> drop 3
-    f, _, drop = mem.compress_list(x, x)
+    f, _, drop = oracle.compress_list(x, x)
     np.testing.assert_array_equal(np.asarray(drop), [1, 2, 3])
     f = np.asarray(f)
     np.testing.assert_array_equal(f[:, 0], x[[0, 2, 3], 0])
@@ -89,7 +90,7 @@ def test_invalid_slots_never_chosen_and_do_not_change_the_result():
         # invalid slots: NaN, or copies of valid neighbours (distance 0, would win if used)
         for s in np.flatnonzero(~valid):
             garbage[s] = np.nan if trial % 2 else x[np.flatnonzero(valid)[0]]
-        want_f, want_p, want_drop = mem.compress_list(x[valid], x[valid] * 10.0 + 1.0)
+        want_f, want_p, want_drop = oracle.compress_list(x[valid], x[valid] * 10.0 + 1.0)
         out, drop = _compress_bank(_bank(garbage, valid, frames=np.arange(S)))
         assert int(out.size) == L - 1
         np.testing.assert_array_equal(np.asarray(out.valid), np.arange(S - 1) < L - 1)
@@ -106,7 +107,7 @@ def test_invalid_slots_never_chosen_and_do_not_change_the_result():
 
 def test_one_entry_and_empty_banks():
     with pytest.raises(ValueError):
-        mem.compress_list(np.zeros((1, N, C), np.float32), np.zeros((1, N, C), np.float32))
+        oracle.compress_list(np.zeros((1, N, C), np.float32), np.zeros((1, N, C), np.float32))
     x = np.ones((4, N, C), np.float32)
     out, _ = _compress_bank(_bank(x, valid=[False, True, False, False]))
     assert int(out.size) == 0
@@ -150,7 +151,7 @@ def _frame_data(rng, T, dup_prob=0.2):
     return src, pos, tgt, pos + 0.5, ptr
 
 
-def _check_same(state, info, ref: mem.EagerMemory, t, num_frames):
+def _check_same(state, info, ref: oracle.EagerMemory, t, num_frames):
     L = len(ref.src)
     state = jax.device_get(state)
     assert int(state.src.size) == L and int(state.tgt.size) == L, (t, int(state.src.size), L)
@@ -204,7 +205,7 @@ def _run_both(rng, T, skip_prob, diff_dtype):
     xs = (jnp.arange(T, dtype=jnp.int32), jnp.asarray(processed), src, spos, tgt, tpos, ptr)
     advs, coms, infos = jax.device_get(_RUNNERS[key](xs))
     pick = lambda tree, t: jax.tree.map(lambda x: x[t], tree)  # noqa: E731
-    eager = mem.EagerDualMemory(T, diff_dtype=diff_dtype)
+    eager = oracle.EagerDualMemory(T, diff_dtype=diff_dtype)
     sizes, crashed = [], False
     _run_both.appended = getattr(_run_both, "appended", 0)
     prev = jax.device_get(mem.init_state(N, C, D))
@@ -219,7 +220,7 @@ def _run_both(rng, T, skip_prob, diff_dtype):
             continue
         try:
             ref = eager.gather(t)
-        except mem.ReferenceCrash:
+        except oracle.ReferenceCrash:
             assert info.ref_would_crash
             crashed = True
             break
@@ -260,7 +261,7 @@ def test_window_then_compression_sizes_hand_made():
     processed = np.ones(T, bool)
     processed[3] = False
     processed[20] = False  # frame 19 never enters the bank; frame 21 appends nothing
-    eager = mem.EagerDualMemory(T)
+    eager = oracle.EagerDualMemory(T)
     state = mem.init_state(N, C, D)
     sizes, modes, appended = {}, {}, {}
     for t in range(T):
@@ -289,14 +290,14 @@ def test_empty_bank_at_the_switch_is_where_the_reference_crashes():
     processed[[0, 1, 2, 3, 4, 5, 12, 13, 14]] = True
     rng = np.random.default_rng(6)
     src, spos, tgt, tpos, ptr = _frame_data(rng, T)
-    eager = mem.EagerDualMemory(T)
+    eager = oracle.EagerDualMemory(T)
     state = mem.init_state(N, C, D)
     for t in range(T):
         state, info = _advance(state, t, bool(processed[t]))
         if processed[t]:
             if t == 13:
                 assert bool(info.ref_would_crash)
-                with pytest.raises(mem.ReferenceCrash):
+                with pytest.raises(oracle.ReferenceCrash):
                     eager.gather(t)
                 assert int(state.src.size) == 0  # ours: the bank stays empty
                 break
@@ -332,7 +333,7 @@ def test_lax_scan_tracker_matches_eager_and_assemble_memory():
     S, P = 6, 15
     assert M.shape == (T, 2 * S * N + 4 * P, C)
 
-    eager = mem.EagerDualMemory(T)
+    eager = oracle.EagerDualMemory(T)
     te = np.asarray(tpos_enc).reshape(7, C)
     for t in range(T):
         if not processed[t]:
@@ -367,9 +368,9 @@ def test_autocast_mode_subtracts_in_bf16_only_at_the_first_compression():
     in bf16 the second difference rounds to 255 -> tie -> first -> drop 1."""
     vals = np.array([1.0, 256.0, 1.0078125], np.float32)
     x = vals.reshape(3, 1, 1)
-    assert int(mem.compress_list(x, x, jnp.float32)[2][0]) == 2
-    assert int(mem.compress_list(x, x, jnp.bfloat16)[2][0]) == 1
-    assert int(mem.compress_list(jnp.asarray(x, jnp.bfloat16), x, None)[2][0]) == 1  # torch-like
+    assert int(oracle.compress_list(x, x, jnp.float32)[2][0]) == 2
+    assert int(oracle.compress_list(x, x, jnp.bfloat16)[2][0]) == 1
+    assert int(oracle.compress_list(jnp.asarray(x, jnp.bfloat16), x, None)[2][0]) == 1  # torch-like
 
     state = mem.init_state(1, 1, 4)
     for i, f in enumerate((5, 6)):  # a 2-entry bank (frames 5, 6)

@@ -20,6 +20,7 @@ from flax import nnx
 from pycocotools import mask as mask_utils
 
 from eval.__main__ import main as eval_main
+from lmeec_jax.inference import predictor as predictor_module
 from lmeec_jax.inference import split as P
 from lmeec_jax.models.checkpoint import save_model
 from lmeec_jax.models.config import get_config
@@ -27,7 +28,8 @@ from lmeec_jax.data import egoexo
 from lmeec_jax.evaluation.gt import build_gt, write_gt
 from lmeec_jax.data.synthetic import make_synthetic_split
 from lmeec_jax.evaluation.metrics import score_lmeec, score_official
-from lmeec_jax.tracking import frame_step as lmeec
+from lmeec_jax.tracking import video as lmeec
+from lmeec_jax.inference.transforms import upsample_logits
 from lmeec_jax.models.sam2 import build_model
 
 N_FRAMES = 5
@@ -57,7 +59,7 @@ def _predict(env, out, direction, split=None, reload=False):
     if reload:
         return eval_main(argv)
     with pytest.MonkeyPatch.context() as mp:  # same weights as the checkpoint, without loading it again
-        mp.setattr(P, "load_predict_model", lambda ckpt, seed=0: (env["model"], env["model"].cfg))
+        mp.setattr(predictor_module, "load_model_spec", lambda ckpt, seed=0: (env["model"], env["model"].cfg))
         return eval_main(argv)
 
 
@@ -177,8 +179,8 @@ def test_equals_direct_scan(env, e2x):
         masks = v["src_masks"][:, None].astype(np.float32)
         _, o = direct(params, v["src_images"], v["tgt_images"], masks, v["src_valid"][:, None], T)
         low = np.asarray(o.low_res_logits[:, 0])
-        up = np.asarray(lmeec.upsample_logits(jnp.asarray(low), (480, 480)))
-        up_off = np.asarray(lmeec.upsample_logits(jnp.asarray(low), (270, 480)))
+        up = np.asarray(upsample_logits(jnp.asarray(low), (480, 480)))
+        up_off = np.asarray(upsample_logits(jnp.asarray(low), (270, 480)))
         conf = np.asarray(jax.nn.sigmoid(o.object_score_logits[:, 0]))
         vdir = os.path.join(out, rec.take, rec.pair, rec.obj)
         pair = official[rec.take]["masks"][rec.obj][f"{rec.src_cam}_{rec.tgt_cam}"]

@@ -94,7 +94,7 @@ def _batch(B, T_, seed=0):
 def test_config_files_load_and_overrides():
     tiny = C.load_config(None)
     assert tiny.name == "synthetic_tiny" and tiny.data.synthetic.enabled
-    full = C.load_config(REPO / "configs" / "lmeec_hiera_b+_egoexo.yaml", ["model.init_from=/x/sam2.1_b+"])
+    full = C.load_config("lmeec_hiera_b+_egoexo", ["model.init_from=/x/sam2.1_b+"])
     assert full.model.name == "lmeec_hiera_b+" and full.model.init_from == "/x/sam2.1_b+"
     assert full.optim.base_lr == 5e-6 and full.optim.vision_lr == 3e-6 and full.optim.layer_decay == 0.9
     assert full.optim.clip_max_norm == 0.1 and full.optim.weight_decay == 0.1
@@ -143,10 +143,12 @@ def test_scan_equals_unrolled_reference_structure():
     b.set_value(b.get_value() + 3.0)  # object present: masks and pointers matter
     g, p, r, rest = LT.split_model(model)
     batch = LT.ClipBatch(*(_batch(2, T)[k] for k in ("src_images", "tgt_images", "src_masks", "tgt_masks")))
+    from tests.train_oracle import clip_unrolled
+
     outs = []
-    for unroll in (False, True):
-        fcfg = LT.TrainForwardConfig(unroll=unroll, deterministic=True)
-        f = jax.jit(lambda p, r, rest, b: LT.clip_forward(g, p, r, rest, b, fcfg)[0])
+    fcfg = LT.TrainForwardConfig(deterministic=True)
+    for fwd in (LT.clip_forward, clip_unrolled):
+        f = jax.jit(lambda p, r, rest, b: fwd(g, p, r, rest, b, fcfg)[0])
         outs.append(f(p, r, rest, batch))
     for a, b_ in zip(*outs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5, rtol=1e-5)

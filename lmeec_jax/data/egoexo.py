@@ -31,22 +31,18 @@ Raw ``relations_<split>.json``: ``{"annotations": {take: {"take_name", "object_m
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from .images import (
-    IMAGE_SIZE,
-    DataError,
-    open_rgb,
-    normalize_uint8,
-    resize_mask_nearest,
-    resize_mask_source,
-)
+from lmeec_jax.evaluation.protocol import DIRECTIONS, EVAL_SIZE, check_direction, is_ego_camera
+from lmeec_jax.io import read_json
+
+from .errors import DataError
+from .images import IMAGE_SIZE, open_rgb, normalize_uint8, resize_mask_nearest, resize_mask_source
+from .rle import check_rle, decode_checked, relation_entry_to_rle, rle_to_relation_entry
 
 __all__ = [
     "DataError",
@@ -57,14 +53,17 @@ __all__ = [
     "natural_key",
     "natsorted",
     "is_ego_camera",
-    "read_json",
     "load_annotation",
     "take_cameras",
     "camera_frames",
     "list_take_videos",
+    "list_split_takes",
+    "resolve_split",
+    "read_take_list",
     "list_videos",
     "list_train_videos",
     "decode_mask",
+    "ViewMasks",
     "load_video",
     "load_clip_raw",
     "iter_videos",
@@ -75,8 +74,8 @@ __all__ = [
     "relation_annotated_frames",
 ]
 
-DIRECTIONS = ("ego2exo", "exo2ego")
 ANNOTATION_FILE = "annotation.json"
+SPLIT_FILES = ("split_checking.json", "split.json")  # official split files: {split: [takes]}
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -91,29 +90,6 @@ def natural_key(s) -> tuple:
 
 def natsorted(items: Iterable) -> list:
     return sorted(items, key=natural_key)
-
-
-def is_ego_camera(cam: str) -> bool:
-    return "aria" in cam
-
-
-def check_direction(direction: str) -> str:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    return direction
-
-
-def read_json(path, **ctx) -> Any:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError("file missing", path=path, **ctx)
-    try:
-        with open(path, "r") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"truncated or invalid JSON ({e})", path=path, **ctx) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"unreadable ({type(e).__name__}: {e})", path=path, **ctx) from e
 
 
 def load_annotation(take_dir, take: Optional[str] = None) -> dict:
@@ -256,11 +232,43 @@ def list_take_videos(
     return out
 
 
-def list_split_takes(split_dir, takes: Optional[Sequence[str]] = None) -> List[str]:
-    """Takes of a split: the given list, else every sub-directory (natural order)."""
+def list_split_takes(split_dir, takes: Optional[Sequence[str]] = None, *, annotated_only: bool = False,
+                     key: Optional[Callable[[str], Any]] = natural_key) -> List[str]:
+    """Takes of a split: the given list, else every sub-directory of ``split_dir``
+    (``annotated_only``: those holding an ``annotation.json``), sorted by ``key`` (natural
+    order; ``None``: plain string order)."""
     if takes is not None:
         return list(takes)
-    return natsorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    names = (d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if annotated_only:
+        names = (d for d in names if os.path.isfile(os.path.join(split_dir, d, ANNOTATION_FILE)))
+    return sorted(names, key=key)
+
+
+def resolve_split(split_dir, split: Optional[str] = None) -> Tuple[str, Optional[List[str]]]:
+    """(directory holding the takes, the takes a split file lists, or None) for ``split_dir``
+    and an optional ``split`` name.
+
+    ``split`` may name a sub-directory (``<root>/<split>/<take>``, LM-EEC's layout) or a
+    key of ``split_checking.json`` / ``split.json`` in ``split_dir`` (the official layout:
+    all takes in one directory, the split file lists them). Without ``split`` (or for a
+    sub-directory) the takes are left to :func:`list_split_takes`.
+    """
+    split_dir = os.fspath(split_dir)
+    if not os.path.isdir(split_dir):
+        raise DataError("not a directory", path=split_dir)
+    if split is None:
+        return split_dir, None
+    if os.path.isdir(os.path.join(split_dir, split)):
+        return os.path.join(split_dir, split), None
+    for name in SPLIT_FILES:
+        sp = os.path.join(split_dir, name)
+        if os.path.isfile(sp):
+            table = read_json(sp, what="split")
+            if isinstance(table, dict) and split in table:
+                return split_dir, [str(t) for t in table[split]]
+    raise DataError(f"split {split!r}: neither {os.path.join(split_dir, split)} nor a "
+                    f"{'/'.join(SPLIT_FILES)} in {split_dir} listing it")
 
 
 def read_take_list(path) -> List[str]:
@@ -332,70 +340,58 @@ def list_train_videos(
 # ----------------------------------------------------------------------------- masks
 
 
-def rle_counts(counts: str) -> List[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``).
-
-    Raises ValueError on a truncated string or negative runs. Used to validate masks:
-    pycocotools decodes garbage silently when ``size`` and the runs disagree.
-    """
-    cnts: List[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise ValueError("RLE counts string ends inside a number")
-            c = ord(counts[p]) - 48
-            if c < 0 or c > 63:
-                raise ValueError(f"invalid character {counts[p]!r} in RLE counts")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(cnts) > 2:
-            x += cnts[-2]
-        if x < 0:
-            raise ValueError("negative run in RLE counts")
-        cnts.append(x)
-    return cnts
-
-
 def decode_mask(rle: Any, *, path=None, expect_hw: Optional[Tuple[int, int]] = None, **ctx) -> np.ndarray:
     """Decode one COCO RLE to uint8 HxW, checking it; DataError on a bad mask.
 
-    Checks: ``size`` is two positive ints; the runs add up to H*W; if ``expect_hw``
-    (the frame's size) is given, the mask has the same aspect ratio (within 1%; masks
-    are stored at the camera's full resolution, 2x / 4x the processed JPEGs).
+    Checks: the RLE is valid (:func:`lmeec_jax.data.rle.check_rle`: ``size`` two ints, the
+    runs add up to H*W) with a non-empty size; if ``expect_hw`` (the frame's size) is given,
+    the mask has the same aspect ratio (within 1%; masks are stored at the camera's full
+    resolution, 2x / 4x the processed JPEGs). The error carries ``path`` and ``ctx``.
     """
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise DataError("mask is not a COCO RLE object", path=path, **ctx)
-    size = rle["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise DataError(f"mask has an invalid size {size!r}", path=path, **ctx)
-    h, w = size
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, list):
-        total = sum(counts)
-        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    elif isinstance(counts, str):
-        try:
-            total = sum(rle_counts(counts))
-        except ValueError as e:
-            raise DataError(f"corrupt mask RLE ({e})", path=path, **ctx) from e
-        rle = {"size": [h, w], "counts": counts.encode("ascii")}
-    else:
-        raise DataError("mask counts is neither a string nor a list", path=path, **ctx)
-    if total != h * w:
-        raise DataError(f"mask runs cover {total} pixels but size is {h}x{w} = {h * w}", path=path, **ctx)
-    if expect_hw is not None:
-        eh, ew = expect_hw
-        if abs(h * ew - w * eh) > 0.01 * w * eh:
-            raise DataError(f"mask size {h}x{w} does not fit the {eh}x{ew} frame (aspect ratio)", path=path, **ctx)
-    return mask_utils.decode(rle)
+    try:
+        (h, w), runs = check_rle(rle)
+        if h == 0 or w == 0:
+            raise DataError(f"mask has an invalid size {rle['size']!r}")
+        if expect_hw is not None:
+            eh, ew = expect_hw
+            if abs(h * ew - w * eh) > 0.01 * w * eh:
+                raise DataError(f"mask size {h}x{w} does not fit the {eh}x{ew} frame (aspect ratio)")
+        return decode_checked(rle, (h, w), runs)
+    except DataError as e:
+        raise e.with_context(path=path, **ctx) from None
+
+
+class ViewMasks:
+    """The GT masks of one object in one camera of a take, decoded frame by frame.
+
+    ``get(frame, expect_hw)``: the frame's uint8 0/1 mask at the annotation's resolution
+    (:func:`decode_mask`; ``expect_hw`` is the frame's size), or None where the camera has
+    no annotation key for ``frame``. Errors are DataErrors naming ``path`` (the annotation
+    file), take, camera, frame and object; with ``same_size`` a mask whose size differs
+    from the camera's first decoded one is an error too. ``hw``: that first size (None
+    before any mask is decoded).
+    """
+
+    def __init__(self, annotation: dict, take: str, obj: str, cam: str, *, path=None, same_size: bool = True):
+        self.frames = (annotation["masks"].get(obj) or {}).get(cam) or {}
+        self.take, self.obj, self.cam = take, obj, cam
+        self.path = path
+        self.same_size = same_size
+        self.hw: Optional[Tuple[int, ...]] = None
+
+    def __contains__(self, frame: str) -> bool:
+        return frame in self.frames
+
+    def get(self, frame: str, expect_hw: Optional[Tuple[int, int]] = None) -> Optional[np.ndarray]:
+        if frame not in self.frames:
+            return None
+        ctx = dict(take=self.take, camera=self.cam, frame=frame, obj=self.obj)
+        m = decode_mask(self.frames[frame], path=self.path, expect_hw=expect_hw, **ctx)
+        if self.hw is None:
+            self.hw = m.shape
+        elif self.same_size and m.shape != self.hw:
+            raise DataError(f"mask size {m.shape} differs from the camera's {self.hw}", path=self.path, **ctx)
+        return m
 
 
 # ----------------------------------------------------------------------------- loading
@@ -412,7 +408,7 @@ def load_video(
     rec: VideoRecord,
     image_size: int = IMAGE_SIZE,
     annotation: Optional[dict] = None,
-    target_size: Optional[Tuple[int, int]] = (IMAGE_SIZE, IMAGE_SIZE),
+    target_size: Optional[Tuple[int, int]] = (EVAL_SIZE, EVAL_SIZE),
     load_target_images: bool = True,
 ) -> dict:
     """Frames and masks of a video.
@@ -433,11 +429,10 @@ def load_video(
     take_dir = os.path.join(split_dir, rec.take)
     ann_path = os.path.join(take_dir, ANNOTATION_FILE)
     ann = annotation if annotation is not None else load_annotation(take_dir, rec.take)
-    obj_masks = ann["masks"].get(rec.obj)
-    if obj_masks is None:
+    if ann["masks"].get(rec.obj) is None:
         raise DataError("object not in annotation", path=ann_path, take=rec.take, obj=rec.obj)
-    src_ann = obj_masks.get(rec.src_cam) or {}
-    tgt_ann = obj_masks.get(rec.tgt_cam) or {}
+    src_view = ViewMasks(ann, rec.take, rec.obj, rec.src_cam, path=ann_path)
+    tgt_view = ViewMasks(ann, rec.take, rec.obj, rec.tgt_cam, path=ann_path)
     T, S = len(rec.frames), image_size
     src_images = np.empty((T, S, S, 3), np.float32)
     tgt_images = np.empty((T, S, S, 3), np.float32) if load_target_images else None
@@ -446,7 +441,7 @@ def load_video(
     src_valid = np.zeros(T, bool)
     tgt_present = np.zeros(T, bool)
     tgt_masks: Any = np.zeros((T,) + tuple(target_size), bool) if target_size is not None else [None] * T
-    src_hw = tgt_hw = src_mask_hw = tgt_mask_hw = None
+    src_hw = tgt_hw = None
 
     for t, f in enumerate(rec.frames):
         sctx = dict(take=rec.take, camera=rec.src_cam, frame=f)
@@ -456,24 +451,14 @@ def load_video(
         if load_target_images:
             tgt_images[t], thw = _frame_image(os.path.join(take_dir, rec.tgt_cam, f + ".jpg"), S, **tctx)
             tgt_hw = tgt_hw or thw
-        if f in src_ann:
-            m = decode_mask(src_ann[f], path=ann_path, expect_hw=hw, obj=rec.obj, **sctx)
-            if src_mask_hw is None:
-                src_mask_hw = m.shape
-            elif m.shape != src_mask_hw:
-                raise DataError(f"mask size {m.shape} differs from the camera's {src_mask_hw}",
-                                path=ann_path, obj=rec.obj, **sctx)
+        m = src_view.get(f, expect_hw=hw)
+        if m is not None:
             src_present[t] = True
             if m.any():
                 src_valid[t] = True
                 src_masks[t] = resize_mask_source(m, S)
-        if f in tgt_ann:
-            m = decode_mask(tgt_ann[f], path=ann_path, expect_hw=tgt_hw, obj=rec.obj, **tctx)
-            if tgt_mask_hw is None:
-                tgt_mask_hw = m.shape
-            elif m.shape != tgt_mask_hw:
-                raise DataError(f"mask size {m.shape} differs from the camera's {tgt_mask_hw}",
-                                path=ann_path, obj=rec.obj, **tctx)
+        m = tgt_view.get(f, expect_hw=tgt_hw)
+        if m is not None:
             tgt_present[t] = True
             if target_size is not None:
                 tgt_masks[t] = resize_mask_nearest(m, target_size)
@@ -491,8 +476,8 @@ def load_video(
         tgt_present=tgt_present,
         src_hw=src_hw,
         tgt_hw=tgt_hw,
-        src_mask_hw=src_mask_hw,
-        tgt_mask_hw=tgt_mask_hw,
+        src_mask_hw=src_view.hw,
+        tgt_mask_hw=tgt_view.hw,
     )
 
 
@@ -507,33 +492,21 @@ def load_clip_raw(
     take_dir = os.path.join(split_dir, rec.take)
     ann_path = os.path.join(take_dir, ANNOTATION_FILE)
     ann = annotation if annotation is not None else load_annotation(take_dir, rec.take)
-    obj_masks = ann["masks"].get(rec.obj) or {}
     idx = list(range(len(rec.frames))) if indices is None else list(indices)
     frames = [rec.frames[i] for i in idx]
     out: Dict[str, Any] = {"frames": frames, "record": rec}
     for role, cam in (("src", rec.src_cam), ("tgt", rec.tgt_cam)):
-        cam_ann = obj_masks.get(cam) or {}
-        imgs, masks, present = [], [], []
-        mask_hw = None
+        view = ViewMasks(ann, rec.take, rec.obj, cam, path=ann_path)
+        imgs, masks = [], []
         for f in frames:
-            ctx = dict(take=rec.take, camera=cam, frame=f)
-            img = np.asarray(open_rgb(os.path.join(take_dir, cam, f + ".jpg"), **ctx))
+            img = np.asarray(open_rgb(os.path.join(take_dir, cam, f + ".jpg"), take=rec.take, camera=cam, frame=f))
             imgs.append(img)
-            if f in cam_ann:
-                m = decode_mask(cam_ann[f], path=ann_path, expect_hw=img.shape[:2], obj=rec.obj, **ctx)
-                if mask_hw is not None and m.shape != mask_hw:
-                    raise DataError(f"mask size {m.shape} differs from the camera's {mask_hw}", path=ann_path,
-                                    obj=rec.obj, **ctx)
-                mask_hw = m.shape
-                masks.append(m)
-                present.append(True)
-            else:
-                masks.append(None)
-                present.append(False)
+            masks.append(view.get(f, expect_hw=img.shape[:2]))
+        present = [m is not None for m in masks]
         if len({im.shape for im in imgs}) > 1:
             raise DataError("frames of one camera differ in size", path=os.path.join(take_dir, cam),
                             take=rec.take, camera=cam)
-        hw = mask_hw or (imgs[0].shape[:2] if imgs else (0, 0))
+        hw = view.hw or (imgs[0].shape[:2] if imgs else (0, 0))
         out[f"{role}_frames"] = np.stack(imgs) if imgs else np.zeros((0, 0, 0, 3), np.uint8)
         out[f"{role}_masks"] = np.stack([m if m is not None else np.zeros(hw, np.uint8) for m in masks]) \
             if masks else np.zeros((0,) + tuple(hw), np.uint8)
@@ -612,7 +585,7 @@ def iter_videos(
 
 def load_relations(path) -> dict:
     """``relations_<split>.json`` -> its ``annotations`` dict (take uid -> take entry)."""
-    data = read_json(path)
+    data = read_json(path, what="relations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), dict):
         raise DataError('relations file has no "annotations" object', path=path)
     return data["annotations"]
@@ -620,35 +593,15 @@ def load_relations(path) -> dict:
 
 def decode_relation_mask(entry: dict, *, path=None, **ctx) -> dict:
     """``{"width", "height", "encodedMask"}`` -> COCO RLE ``{"size": [H, W], "counts": str}``
-    (what ``process_data.py::decode_mask`` writes). DataError if it cannot be decoded."""
+    (what ``process_data.py::decode_mask`` writes; the runs are not checked here, the
+    readers check them). DataError (with ``path`` and ``ctx``) if it cannot be decoded."""
     try:
-        width, height, enc = int(entry["width"]), int(entry["height"]), entry["encodedMask"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"relation mask entry malformed ({e})", path=path, **ctx) from e
-    try:
-        from lzstring import LZString
-
-        counts = LZString.decompressFromEncodedURIComponent(enc)
-    except Exception as e:  # lzstring raises KeyError/IndexError/... on garbage
-        raise DataError(f"encodedMask is not LZ-String data ({type(e).__name__})", path=path, **ctx) from e
-    if not isinstance(counts, str):
-        raise DataError("encodedMask is not LZ-String data", path=path, **ctx)
-    try:
-        counts.encode("ascii")
-    except UnicodeEncodeError as e:
-        raise DataError("decoded encodedMask is not an RLE counts string", path=path, **ctx) from e
-    return {"size": [height, width], "counts": counts}
+        return relation_entry_to_rle(entry, check=False)
+    except DataError as e:
+        raise e.with_context(path=path, **ctx) from None
 
 
-def encode_relation_mask(rle: dict) -> dict:
-    """Inverse of :func:`decode_relation_mask` (for building test inputs)."""
-    from lzstring import LZString
-
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    h, w = rle["size"]
-    return {"width": int(w), "height": int(h), "encodedMask": LZString.compressToEncodedURIComponent(counts)}
+encode_relation_mask = rle_to_relation_entry  # inverse of decode_relation_mask (for building test inputs)
 
 
 def relation_take_masks(take_entry: dict, *, path=None, take=None) -> dict:

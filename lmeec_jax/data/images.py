@@ -11,67 +11,22 @@ What LM-EEC does (``sam2/utils/misc.py::_load_img_as_tensor`` and
   ``>= 0.5``.
 
 All arrays here are HWC / NHWC numpy arrays. Errors on bad input are raised as
-:class:`DataError`, which names the file and, when known, take / camera / frame.
+:class:`lmeec_jax.data.errors.DataError`, which names the file and, when known, take /
+camera / frame.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+from .errors import DataError  # noqa: F401  (re-exported: open_rgb raises it)
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_SIZE = 480
-
-
-class DataError(ValueError):
-    """Bad input data: names the file, the problem and where it belongs."""
-
-    def __init__(
-        self,
-        problem: str,
-        *,
-        path: Optional[str] = None,
-        take: Optional[str] = None,
-        camera: Optional[str] = None,
-        frame: Optional[str] = None,
-        obj: Optional[str] = None,
-    ):
-        self.problem = problem
-        self.path = None if path is None else os.fspath(path)
-        self.take = take
-        self.camera = camera
-        self.frame = frame
-        self.obj = obj
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        where = [
-            f"{k}={v!r}"
-            for k, v in (("take", self.take), ("camera", self.camera), ("frame", self.frame), ("object", self.obj))
-            if v is not None
-        ]
-        head = f"{self.path}: " if self.path else ""
-        tail = f" ({', '.join(where)})" if where else ""
-        return f"{head}{self.problem}{tail}"
-
-    def with_context(self, **kw) -> "DataError":
-        """A copy with missing context fields filled in from ``kw``."""
-        fields = dict(path=self.path, take=self.take, camera=self.camera, frame=self.frame, obj=self.obj)
-        for k, v in kw.items():
-            if fields.get(k) is None:
-                fields[k] = v
-        return DataError(self.problem, **fields)
-
-    def __reduce__(self):  # picklable across grain / multiprocessing workers
-        return (_rebuild_data_error, (self.problem, self.path, self.take, self.camera, self.frame, self.obj))
-
-
-def _rebuild_data_error(problem, path, take, camera, frame, obj):
-    return DataError(problem, path=path, take=take, camera=camera, frame=frame, obj=obj)
 
 
 # ----------------------------------------------------------------------------- frames

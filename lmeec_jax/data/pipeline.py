@@ -37,7 +37,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from lmeec_jax.data.egoexo import ANNOTATION_FILE, DataError, VideoRecord, decode_mask, load_annotation, rle_counts
+from lmeec_jax.data.egoexo import ANNOTATION_FILE, DataError, VideoRecord, ViewMasks, load_annotation
+from lmeec_jax.data.rle import counts_to_runs
 from lmeec_jax.data.transforms import AugmentConfig, augment_clip
 
 __all__ = [
@@ -71,7 +72,7 @@ def steps_per_epoch(num_videos: int, multiplier: int, global_batch: int) -> int:
 def _mask_nonempty(rle) -> bool:
     counts = rle.get("counts") if isinstance(rle, dict) else None
     if isinstance(counts, (bytes, str)):
-        runs = rle_counts(counts.decode("ascii") if isinstance(counts, bytes) else counts)
+        runs = counts_to_runs(counts.decode("ascii") if isinstance(counts, bytes) else counts)
         return any(runs[1::2])
     if isinstance(counts, list):
         return any(counts[1::2])
@@ -173,7 +174,7 @@ class ClipSampler:
 
     def _view(self, rec: VideoRecord, cam: str, frames, ann):
         take_dir = os.path.join(self.split_dir, rec.take)
-        cam_ann = ann["masks"][rec.obj].get(cam) or {}
+        view = ViewMasks(ann, rec.take, rec.obj, cam, path=os.path.join(take_dir, ANNOTATION_FILE), same_size=False)
         size = None
         if self.spec.preresize:
             with Image.open(os.path.join(take_dir, cam, frames[0] + ".jpg")) as im0:
@@ -185,12 +186,11 @@ class ClipSampler:
             ctx = dict(take=rec.take, camera=cam, frame=f)
             img = self._frame(os.path.join(take_dir, cam, f + ".jpg"), size, **ctx)
             hw = img.shape[:2]
-            if f in cam_ann:
-                m = decode_mask(cam_ann[f], path=os.path.join(take_dir, ANNOTATION_FILE), obj=rec.obj, **ctx)
-                if m.shape != hw:
-                    m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
-            else:
+            m = view.get(f)
+            if m is None:
                 m = np.zeros(hw, np.uint8)
+            elif m.shape != hw:
+                m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
             imgs.append(img)
             masks.append(m)
         return np.stack(imgs), np.stack(masks).astype(np.uint8)

@@ -30,14 +30,16 @@ Differences from the official script (on purpose):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from .egoexo import DataError, load_relations, natsorted, read_json, relation_take_masks
+from lmeec_jax.evaluation.protocol import is_ego_camera
+from lmeec_jax.io import read_json, write_json_atomic
+
+from .egoexo import ANNOTATION_FILE, DataError, load_relations, natsorted, relation_take_masks
 
 FRAME_STEP = 30
 MIN_HEIGHT = 1408
@@ -227,8 +229,8 @@ def prepare_take(
     cams = set()
     for cam_dict in objects.values():
         cams.update(cam_dict.keys())
-    egos = sorted(c for c in cams if "aria" in c)
-    exos = natsorted(c for c in cams if "aria" not in c)
+    egos = sorted(c for c in cams if is_ego_camera(c))
+    exos = natsorted(c for c in cams if not is_ego_camera(c))
     if len(egos) != 1:
         report.failed[take_id] = f"expected exactly one aria camera, found {egos}"
         return False
@@ -263,11 +265,7 @@ def prepare_take(
             continue
         if note:
             report.warn(take_id, f"{cam}: {note}")
-    ann_path = os.path.join(out, "annotation.json")
-    tmp = ann_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"masks": masks, "subsample_idx": subsample_idx}, f)
-    os.replace(tmp, ann_path)
+    write_json_atomic(os.path.join(out, ANNOTATION_FILE), {"masks": masks, "subsample_idx": subsample_idx})
     return True
 
 
@@ -284,7 +282,7 @@ def prepare_split(
 ) -> PrepareReport:
     """Process every take of ``split`` (resumable: takes with an annotation.json are skipped)."""
     report = PrepareReport()
-    data_split = read_json(split_path)
+    data_split = read_json(split_path, what="split")
     if not isinstance(data_split, dict) or split not in data_split:
         raise DataError(f"split {split!r} not in split file", path=split_path)
     take_list = list(takes) if takes is not None else list(data_split[split])
@@ -298,7 +296,7 @@ def prepare_split(
         bar = tqdm(take_list, desc=f"prepare {split}", unit="take")
         it = bar
     for take_id in it:
-        if os.path.isfile(os.path.join(outputpath, take_id, "annotation.json")):
+        if os.path.isfile(os.path.join(outputpath, take_id, ANNOTATION_FILE)):
             report.skipped.append(take_id)
             continue
         if take_id not in annos:

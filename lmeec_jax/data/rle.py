@@ -9,8 +9,10 @@ on). Uncompressed RLE (``counts`` a list of ints) is accepted on input.
 The raw ``relations_<split>.json`` stores, per (object, camera, frame),
 ``{"width": W, "height": H, "encodedMask": LZString.compressToEncodedURIComponent(counts)}``.
 
-Every malformed input raises :class:`RLEError` (a ``ValueError``) that says what is
-wrong; pycocotools itself decodes many broken strings silently into garbage.
+Every malformed input raises :class:`RLEError` (another name of
+:class:`lmeec_jax.data.errors.DataError`, a ``ValueError``) that says what is wrong;
+pycocotools itself decodes many broken strings silently into garbage. This module is the
+only RLE / LZ-String codec of the package.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import numpy as np
 from lzstring import LZString
 from pycocotools import mask as mask_utils
 
+from .errors import DataError
+
 __all__ = [
     "RLEError",
     "counts_to_runs",
     "runs_to_counts",
     "check_rle",
     "decode_rle",
+    "decode_checked",
     "encode_mask",
     "rle_area",
     "compress_counts",
@@ -37,8 +42,7 @@ __all__ = [
 ]
 
 
-class RLEError(ValueError):
-    """A mask that is not a valid COCO RLE (the message says why)."""
+RLEError = DataError  # a mask that is not a valid COCO RLE (the message says why)
 
 
 # ----------------------------------------------------------------------------- counts
@@ -148,6 +152,12 @@ def check_rle(rle: Any, expect_size: Optional[Tuple[int, int]] = None) -> Tuple[
 def decode_rle(rle: Any, expect_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Validated decode of one RLE to a ``uint8`` (H, W) array of 0/1."""
     (h, w), runs = check_rle(rle, expect_size)
+    return decode_checked(rle, (h, w), runs)
+
+
+def decode_checked(rle: Any, size: Tuple[int, int], runs: List[int]) -> np.ndarray:
+    """Decode an RLE that :func:`check_rle` has validated (``size, runs = check_rle(rle)``)."""
+    h, w = size
     if h == 0 or w == 0:
         return np.zeros((h, w), np.uint8)
     counts = rle["counts"]
@@ -206,15 +216,21 @@ def decompress_counts(encoded: str) -> str:
     return out
 
 
-def relation_entry_to_rle(entry: Any) -> Dict[str, Any]:
-    """Raw relations entry ``{"width", "height", "encodedMask"}`` -> validated RLE."""
+def relation_entry_to_rle(entry: Any, check: bool = True) -> Dict[str, Any]:
+    """Raw relations entry ``{"width", "height", "encodedMask"}`` -> RLE ``{"size": [H, W],
+    "counts": str}``, validated with :func:`check_rle` unless ``check`` is False (then only
+    the entry's keys, the LZ-String data and the counts being ASCII text are checked)."""
     if not isinstance(entry, dict):
         raise RLEError(f"relation mask entry must be an object, got {type(entry).__name__}")
     missing = [k for k in ("width", "height", "encodedMask") if k not in entry]
     if missing:
         raise RLEError(f"relation mask entry lacks {missing}")
-    rle = {"size": [entry["height"], entry["width"]], "counts": decompress_counts(entry["encodedMask"])}
-    check_rle(rle)
+    counts = decompress_counts(entry["encodedMask"])
+    if not counts.isascii():
+        raise RLEError("decoded encodedMask is not an RLE counts string (not ASCII)")
+    rle = {"size": [entry["height"], entry["width"]], "counts": counts}
+    if check:
+        check_rle(rle)
     return rle
 
 

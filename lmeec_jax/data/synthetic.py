@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import uuid
@@ -44,6 +43,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+
+from lmeec_jax.data.errors import DataError
+from lmeec_jax.io import atomic_write, read_json, write_json_atomic
 
 EGO_SIZE = (704, 704)  # (W, H) of processed ego JPEGs
 EXO_SIZE = (960, 540)  # (W, H) of processed exo JPEGs
@@ -680,10 +682,7 @@ def write_take(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConf
         "subsample_idx": [FRAME_STEP * i for i in range(take.n_frames)],
         "annotated_frames": {n: {c.name: [FRAME_STEP * i for i in range(take.n_frames)] for c in take.cameras} for n in masks},
     }
-    tmp = ann_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(ann, f)
-    os.replace(tmp, ann_path)
+    write_json_atomic(ann_path, ann)
     return take_id, True
 
 
@@ -697,20 +696,16 @@ def _check_generator_record(out_dir: str, seed: int, cfg: SynthConfig) -> None:
     path = os.path.join(out_dir, GENERATOR_RECORD)
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable generator record ({e}); delete it or the directory") from None
+            old = read_json(path, what="generator record")
+        except DataError as e:
+            raise DataError(f"{e.problem}; delete it or the directory", path=path) from None
         diff = {k: (old.get(k), v) for k, v in rec.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{out_dir} holds synthetic takes made with other settings "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
                              "use another directory or delete it")
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, rec, indent=1)
 
 
 def _worker(args):
@@ -767,8 +762,7 @@ def make_synthetic_split(
     if bar is not None:
         bar.close()
     takes = [ids[i] for i in range(n_takes)]
-    with open(os.path.join(out_dir, "takes.txt"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "takes.txt"), "w") as f:
         f.write("".join(t + "\n" for t in takes))
-    with open(os.path.join(out_dir, "split.json"), "w") as f:
-        json.dump({split_name: takes}, f)
+    write_json_atomic(os.path.join(out_dir, "split.json"), {split_name: takes})
     return takes

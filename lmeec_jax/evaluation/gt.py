@@ -21,30 +21,17 @@ split does not carry it, so in order of preference it comes from:
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from lmeec_jax.data.rle import RLEError, check_rle
+from lmeec_jax.data.egoexo import ANNOTATION_FILE, list_split_takes, resolve_split
+from lmeec_jax.data.errors import DataError
+from lmeec_jax.data.rle import check_rle
+from lmeec_jax.io import read_json, write_json_atomic
 
-__all__ = ["GTBuildError", "build_gt", "list_split_takes", "write_gt"]
+__all__ = ["GTBuildError", "build_gt", "write_gt"]
 
-ANNOTATION_FILE = "annotation.json"
-SPLIT_FILES = ("split_checking.json", "split.json")
-
-
-class GTBuildError(ValueError):
-    """A processed split that cannot give a GT file (the message says where)."""
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise GTBuildError(f"{path}: file missing")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GTBuildError(f"{path}: invalid JSON ({e})")
+GTBuildError = DataError  # a processed split that cannot give a GT file (the message says where)
 
 
 def _int_frames(values: Sequence[Any], where: str) -> List[int]:
@@ -53,34 +40,8 @@ def _int_frames(values: Sequence[Any], where: str) -> List[int]:
         try:
             out.append(int(v))
         except (TypeError, ValueError):
-            raise GTBuildError(f"{where}: annotated frame {v!r} is not an integer")
+            raise DataError(f"{where}: annotated frame {v!r} is not an integer")
     return out
-
-
-def list_split_takes(split_dir: str, split: Optional[str] = None) -> Tuple[str, List[str]]:
-    """(directory holding the takes, take ids) for ``split_dir`` and optional ``split``.
-
-    ``split`` may name a sub-directory (``<root>/<split>/<take>``, LM-EEC's layout) or a
-    key of ``split_checking.json`` / ``split.json`` in ``split_dir`` (the official
-    layout: all takes in one directory, the split file lists them).
-    """
-    if not os.path.isdir(split_dir):
-        raise GTBuildError(f"{split_dir}: not a directory")
-    root = split_dir
-    if split is not None:
-        if os.path.isdir(os.path.join(split_dir, split)):
-            root = os.path.join(split_dir, split)
-        else:
-            for name in SPLIT_FILES:
-                sp = os.path.join(split_dir, name)
-                if os.path.isfile(sp):
-                    table = _read_json(sp)
-                    if isinstance(table, dict) and split in table:
-                        return root, [str(t) for t in table[split]]
-            raise GTBuildError(f"split {split!r}: neither {os.path.join(split_dir, split)} nor a "
-                               f"{'/'.join(SPLIT_FILES)} in {split_dir} listing it")
-    takes = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, ANNOTATION_FILE)))
-    return root, takes
 
 
 def _relations_frames(relations: Dict[str, Any], take: str, obj: str, cam: str) -> List[int]:
@@ -88,9 +49,9 @@ def _relations_frames(relations: Dict[str, Any], take: str, obj: str, cam: str) 
     try:
         entry = relations[take]["object_masks"][obj][cam]
     except (KeyError, TypeError):
-        raise GTBuildError(f"{where}: missing from the relations file")
+        raise DataError(f"{where}: missing from the relations file")
     if not isinstance(entry, dict) or "annotated_frames" not in entry:
-        raise GTBuildError(f'{where}: no "annotated_frames"')
+        raise DataError(f'{where}: no "annotated_frames"')
     return _int_frames(entry["annotated_frames"], where)
 
 
@@ -109,9 +70,11 @@ def build_gt(
     skipped takes are appended to ``warnings``.
     """
     warnings = warnings if warnings is not None else []
-    root, takes = list_split_takes(split_dir, split)
+    root, takes = resolve_split(split_dir, split)
+    if takes is None:
+        takes = list_split_takes(root, annotated_only=True, key=None)
     if relations is not None and not isinstance(relations, dict):
-        relations = _read_json(os.fspath(relations))
+        relations = read_json(relations, what="relations")
     if isinstance(relations, dict) and isinstance(relations.get("annotations"), dict):
         relations = relations["annotations"]
     sources = set()
@@ -122,28 +85,31 @@ def build_gt(
         if not os.path.isfile(ann_path):
             warnings.append(f"take={take}: {ann_path} missing, take skipped")
             continue
-        vid = _read_json(ann_path)
+        vid = read_json(ann_path, take=take)
         masks = vid.get("masks") if isinstance(vid, dict) else None
         if not isinstance(masks, dict):
-            raise GTBuildError(f'{ann_path}: no "masks" object')
+            raise DataError('no "masks" object', path=ann_path)
         own = vid.get("annotated_frames") if isinstance(vid.get("annotated_frames"), dict) else None
         annotated: Dict[str, Dict[str, List[int]]] = {}
         for obj, cams in masks.items():
             if not isinstance(cams, dict):
-                raise GTBuildError(f"{ann_path} object={obj}: camera entry is not an object")
+                raise DataError(f"{ann_path} object={obj}: camera entry is not an object")
             annotated[obj] = {}
             union = None
             for cam, frames in cams.items():
                 if not isinstance(frames, dict):
-                    raise GTBuildError(f"{ann_path} object={obj} camera={cam}: frames entry is not an object")
+                    raise DataError(f"{ann_path} object={obj} camera={cam}: frames entry is not an object")
                 if check_masks:
                     for frame, rle in frames.items():
                         try:
                             int(frame)
+                        except ValueError:
+                            raise DataError(f"{ann_path} object={obj} camera={cam} frame={frame}: "
+                                            "frame key is not an integer") from None
+                        try:
                             check_rle(rle)
-                        except ValueError as e:
-                            msg = str(e) if isinstance(e, RLEError) else "frame key is not an integer"
-                            raise GTBuildError(f"{ann_path} object={obj} camera={cam} frame={frame}: {msg}")
+                        except DataError as e:
+                            raise DataError(f"{ann_path} object={obj} camera={cam} frame={frame}: {e}") from None
                 if relations is not None:
                     annotated[obj][cam] = _relations_frames(relations, take, obj, cam)
                     sources.add("relations")
@@ -170,9 +136,5 @@ def build_gt(
 
 
 def write_gt(gt: Dict[str, Any], path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(gt, f)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, gt)

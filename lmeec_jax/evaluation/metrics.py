@@ -47,7 +47,6 @@ Protocols (:func:`score`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -55,7 +54,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lmeec_jax.data.rle import RLEError, check_rle, decode_rle
+from lmeec_jax.data.errors import DataError
+from lmeec_jax.data.rle import check_rle, decode_rle
+from lmeec_jax.evaluation.protocol import DIRECTIONS, EVAL_SIZE, TASK_KEYS, check_direction, is_ego_camera
+from lmeec_jax.io import read_json
 
 __all__ = [
     "EVAL_SIZE",
@@ -86,18 +88,11 @@ __all__ = [
     "format_table",
 ]
 
-EVAL_SIZE = 480  # official: long side of the evaluation masks; LM-EEC: square side
 CONF_THRESH = 0.5
 LMEEC_AREA_FRACTION = 0.001
 BOUND_TH = 0.008
 IOU_EPS = 1e-7
-DIRECTIONS = ("ego2exo", "exo2ego")
-TASK_KEYS = {"ego2exo": "ego-exo", "exo2ego": "exo-ego"}
 LE_NORM = math.sqrt(EVAL_SIZE ** 2 + EVAL_SIZE ** 2)
-
-
-def _is_ego(cam: str) -> bool:
-    return "aria" in cam
 
 
 # ============================================================================ resizing
@@ -415,23 +410,9 @@ class _Ctx:
         self.issues.append(Issue("warning", message, **loc))
 
 
-def _check_direction(direction: str) -> str:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    return direction
-
-
 def _load_json_arg(x, what: str):
-    if isinstance(x, (str, os.PathLike)):
-        path = os.fspath(x)
-        try:
-            with open(path, "r") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{what} file not found: {path}")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what} file {path} is not valid JSON ({e})")
-    return x
+    """``x`` itself, or the JSON file it names (DataError, a ValueError, if it cannot be read)."""
+    return read_json(x, what=what) if isinstance(x, (str, os.PathLike)) else x
 
 
 def _is_number(v) -> bool:
@@ -444,7 +425,7 @@ def _pair_cams(direction: str, ego: str, exo: str) -> Tuple[str, str]:
 
 def _object_cams(cams: Iterable[str]) -> Tuple[List[str], List[str]]:
     cams = list(cams)
-    return [c for c in cams if _is_ego(c)], [c for c in cams if not _is_ego(c)]
+    return [c for c in cams if is_ego_camera(c)], [c for c in cams if not is_ego_camera(c)]
 
 
 def _first_shape(cam_masks: Any) -> Optional[Tuple[int, int]]:
@@ -453,7 +434,7 @@ def _first_shape(cam_masks: Any) -> Optional[Tuple[int, int]]:
             try:
                 (h, w), _ = check_rle(rle)
                 return h, w
-            except RLEError:
+            except DataError:
                 continue
     return None
 
@@ -476,7 +457,7 @@ def score_official(gt: Any, pred: Any, direction: str, *, subset: bool = False) 
     ``subset``: score only the GT takes present in the predictions (not official; the
     official validator requires every take).
     """
-    _check_direction(direction)
+    check_direction(direction)
     gt = _load_json_arg(gt, "GT")
     pred = _load_json_arg(pred, "prediction")
     ctx = _Ctx()
@@ -610,7 +591,7 @@ def score_official(gt: Any, pred: Any, direction: str, *, subset: bool = False) 
                         continue
                     try:
                         pm = decode_rle(entry["pred_mask"])
-                    except RLEError as e:
+                    except DataError as e:
                         ctx.err(f"bad pred_mask: {e}", source="pred", **floc)
                         continue
                     gt_exists = frame in tgt_frames
@@ -618,7 +599,7 @@ def score_official(gt: Any, pred: Any, direction: str, *, subset: bool = False) 
                     if gt_exists:
                         try:
                             gm = reshape_nopad(decode_rle(tgt_frames[frame]))
-                        except RLEError as e:
+                        except DataError as e:
                             ctx.err(f"bad GT mask of camera {tgt}: {e}", source="gt", **floc)
                             continue
                         if pm.shape != gm.shape:
@@ -669,7 +650,7 @@ def _gt_pairs_official(ann: Dict[str, Any], direction: str) -> Dict[str, Dict[st
 
 def _gt_pairs_lmeec(gt: Dict[str, Any], task: str, ctx: _Ctx) -> Optional[Dict[str, Dict[str, Dict[str, dict]]]]:
     """LM-EEC's own GT file: prediction layout with 480x480 GT in ``pred_mask``."""
-    key = task if task in gt else ("ego-exo" if "ego-exo" in gt else None)
+    key = task if task in gt else (TASK_KEYS["ego2exo"] if TASK_KEYS["ego2exo"] in gt else None)
     if key is None or not isinstance(gt[key], dict) or not isinstance(gt[key].get("results"), dict):
         ctx.err(f'GT file has neither "annotations" nor "{task}"/"results"', source="gt")
         return None
@@ -696,10 +677,9 @@ def _gt_pairs_lmeec(gt: Dict[str, Any], task: str, ctx: _Ctx) -> Optional[Dict[s
 
 def _read_json_file(path: str, ctx: _Ctx, **loc):
     try:
-        with open(path, "r") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        ctx.err(f"unreadable JSON ({type(e).__name__}: {e})", source=path, **loc)
+        return read_json(path)
+    except DataError as e:
+        ctx.err(e.problem, source=path, **loc)
         return None
 
 
@@ -768,7 +748,7 @@ def load_lmeec_predictions(path: str, ctx: Optional[_Ctx] = None, direction: Opt
         ctx.err("prediction JSON is not an object", source=path)
         return out
     task = TASK_KEYS.get(direction or "", None)
-    key = task if task in data else next((k for k in ("ego-exo", "exo-ego") if k in data), None)
+    key = task if task in data else next((k for k in TASK_KEYS.values() if k in data), None)
     if key is None:
         ctx.err(f'prediction JSON has no "ego-exo"/"exo-ego" entry (keys: {sorted(data)})', source=path)
         return out
@@ -808,7 +788,7 @@ def score_lmeec(gt: Any, pred: Any, direction: str) -> ScoreReport:
     ``pred``: a prediction directory or merged JSON path (:func:`load_lmeec_predictions`),
     or an already loaded official-layout dict.
     """
-    _check_direction(direction)
+    check_direction(direction)
     gt = _load_json_arg(gt, "GT")
     ctx = _Ctx()
     pool = Pool()
@@ -874,7 +854,7 @@ def score_lmeec(gt: Any, pred: Any, direction: str) -> ScoreReport:
                         continue
                     try:
                         pm = decode_rle(e["pred_mask"])
-                    except RLEError as err:
+                    except DataError as err:
                         ctx.err(f"bad pred_mask: {err}", source=e.get("path"), **floc)
                         continue
                     conf = e["confidence"]
@@ -887,7 +867,7 @@ def score_lmeec(gt: Any, pred: Any, direction: str) -> ScoreReport:
                     if frame in g["frames"]:
                         try:
                             gm = decode_rle(g["frames"][frame])
-                        except RLEError as err:
+                        except DataError as err:
                             ctx.err(f"bad GT mask: {err}", source="gt", **floc)
                             continue
                         if g["squash"]:

@@ -45,30 +45,26 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmeec_jax.data import egoexo
 from lmeec_jax.data.egoexo import DataError, DataReport, VideoRecord
-from lmeec_jax.data.images import normalize_uint8, open_rgb, resize_mask_source
+from lmeec_jax.data.images import open_rgb
 from lmeec_jax.data.rle import encode_mask
-from lmeec_jax.tracking.memory import AUTOCAST
-from lmeec_jax.evaluation.metrics import TASK_KEYS, official_eval_shape
-from lmeec_jax.tracking import frame_step as lmeec
+from lmeec_jax.evaluation.metrics import official_eval_shape
+from lmeec_jax.evaluation.protocol import TASK_KEYS
+from lmeec_jax.inference.transforms import Transforms
+from lmeec_jax.io import write_json_atomic
+from lmeec_jax.inference.runner import OUT_SIZE, ChunkOut, ChunkRunner, prefetch_executor
 
-OUT_SIZE = 480  # side of the per-frame masks (the reference's image_size for LM-EEC)
 DEFAULT_CHUNK = 8
 DEFAULT_MAX_OBJECTS = 8
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = [
     "OUT_SIZE",
@@ -83,7 +79,6 @@ __all__ = [
     "official_target_shape",
     "PredictSummary",
     "predict_split",
-    "load_predict_model",
 ]
 
 
@@ -140,103 +135,6 @@ def group_videos(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_
     return out
 
 
-# ============================================================================ jitted chunk
-
-
-class ChunkOut(NamedTuple):
-    low_res_logits: Any  # [K, B, 4h, 4w] float32
-    masks: Any  # [K, B, OUT_SIZE, OUT_SIZE] bool
-    official_masks: Any  # [K, B, H', W'] bool (the official target shape)
-    confidence: Any  # [K, B] float32, sigmoid(object score)
-    processed: Any  # [K, B] bool
-
-
-_JIT_CACHE: Dict[tuple, Callable] = {}
-
-
-def _make_chunk_fn(graphdef, compute_dtype, diff_dtype):
-    """The heavy jitted step: image encoder + tracker over K frames (compiled per (K, B))."""
-
-    def fn(params, state, src_images, tgt_images, src_masks, processed, t0, num_frames):
-        model = nnx.merge(graphdef, params)
-        src = src_images.astype(compute_dtype)
-        tgt = tgt_images.astype(compute_dtype)
-        masks = src_masks.astype(compute_dtype)
-        state, out = lmeec.scan_chunk(model, state, src, tgt, masks, processed, t0, num_frames, diff_dtype=diff_dtype)
-        return state, (out.low_res_logits.astype(jnp.float32), out.object_score_logits.astype(jnp.float32),
-                       out.processed)
-
-    return jax.jit(fn, donate_argnums=(1,))
-
-
-@functools.partial(jax.jit, static_argnames=("out_size", "official_hw"))
-def _postprocess(low, scores, processed, *, out_size: int, official_hw: Tuple[int, int]) -> ChunkOut:
-    """SPEC point 8 on device: low-res logits -> bilinear -> ``> 0`` at OUT_SIZE² and at the
-    official target shape; confidence = sigmoid(object score). Light: its own small jit so a
-    new target shape does not recompile the model."""
-    m = lmeec.upsample_logits(low, (out_size, out_size)) > 0
-    if tuple(official_hw) == (out_size, out_size):
-        mo = m
-    else:
-        mo = lmeec.upsample_logits(low, tuple(official_hw)) > 0
-    return ChunkOut(low, m, mo, jax.nn.sigmoid(scores), processed)
-
-
-class ChunkRunner:
-    """The jitted per-chunk step for one model.
-
-    ``step(state, src [K,S,S,3], tgt [K,S,S,3], masks [K,B,S,S] uint8 0/1, processed [K,B],
-    t0, num_frames, official_hw)`` -> ``(state, ChunkOut)`` (device arrays; nothing is
-    fetched). The jitted model step is shared by every runner of the same model config and
-    dtype (so a test or a second split in the same process does not compile again) and
-    compiles once per (K, B), recorded in ``compiled``; the upsampling to the output shapes
-    is a separate small jit.
-    """
-
-    def __init__(self, model, dtype: str = "float32", out_size: int = OUT_SIZE):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.cfg = model.cfg
-        self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
-        self.out_size = out_size
-        graphdef, params = nnx.split(model)
-        if self.dtype != jnp.float32:
-            params = jax.tree.map(
-                lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-        self.params = params
-        # bf16 mirrors the reference's autocast, including its bf16 first compression
-        diff_dtype = AUTOCAST if self.dtype == jnp.bfloat16 else jnp.float32
-        key = (self.cfg, dtype)
-        if key not in _JIT_CACHE:
-            _JIT_CACHE[key] = _make_chunk_fn(graphdef, self.dtype, diff_dtype)
-        self._fn = _JIT_CACHE[key]
-        self.compiled: set = set()
-
-    @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
-    def init_state(self, batch: int):
-        return lmeec.init_state(_ModelCfgShim(self.cfg), batch, dtype=self.dtype)
-
-    def step(self, state, src_images, tgt_images, src_masks, processed, t0: int, num_frames: int,
-             official_hw: Tuple[int, int]):
-        K, B = np.shape(processed)
-        self.compiled.add((int(K), int(B)))
-        state, (low, scores, proc) = self._fn(self.params, state, src_images, tgt_images, src_masks, processed,
-                                              np.int32(t0), np.int32(num_frames))
-        return state, _postprocess(low, scores, proc, out_size=self.out_size,
-                                   official_hw=tuple(int(v) for v in official_hw))
-
-
-class _ModelCfgShim:
-    """``lmeec.init_state`` only reads ``model.cfg``."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-
 # ============================================================================ loading
 
 
@@ -257,11 +155,11 @@ class _ChunkLoader:
         self.S = image_size
         self.take_dir = os.path.join(split_dir, batch.take)
         self.ann_path = os.path.join(self.take_dir, egoexo.ANNOTATION_FILE)
-        masks = annotation["masks"]
-        self.src_ann = [((masks.get(r.obj) or {}).get(batch.src_cam) or {}) for r in batch.records]
+        self.views = [egoexo.ViewMasks(annotation, r.take, r.obj, batch.src_cam, path=self.ann_path)
+                      for r in batch.records]
+        self.transforms = Transforms(image_size)
         self.failed: List[Optional[DataError]] = [None] * len(batch.records)
         self.src_hw: Optional[Tuple[int, int]] = None
-        self.mask_hw: List[Optional[Tuple[int, int]]] = [None] * len(batch.records)
         self.missing_src = 0  # frames without a source annotation key (reference crash; we skip)
 
     @property
@@ -283,22 +181,15 @@ class _ChunkLoader:
                 im = open_rgb(path, take=self.batch.take, camera=cam, frame=f)
                 if role == "src" and self.src_hw is None:
                     self.src_hw = (im.height, im.width)
-                arr[k] = normalize_uint8(np.asarray(im.resize((S, S))))
+                arr[k] = self.transforms.image(im)
             for j, rec in enumerate(self.batch.records):
                 if self.failed[j] is not None:
                     continue
-                ann = self.src_ann[j]
-                if f not in ann:
+                if f not in self.views[j]:
                     self.missing_src += 1
                     continue
                 try:
-                    m = egoexo.decode_mask(ann[f], path=self.ann_path, expect_hw=self.src_hw, take=rec.take,
-                                           camera=rec.src_cam, frame=f, obj=rec.obj)
-                    if self.mask_hw[j] is None:
-                        self.mask_hw[j] = m.shape
-                    elif m.shape != self.mask_hw[j]:
-                        raise DataError(f"mask size {m.shape} differs from the camera's {self.mask_hw[j]}",
-                                        path=self.ann_path, take=rec.take, camera=rec.src_cam, frame=f, obj=rec.obj)
+                    m = self.views[j].get(f, expect_hw=self.src_hw)
                 except DataError as e:
                     self.failed[j] = e
                     processed[:, j] = False
@@ -306,7 +197,7 @@ class _ChunkLoader:
                     continue
                 if m.any():  # full-resolution emptiness decides (the reference's ego_masks)
                     processed[k, j] = True
-                    masks[k, j] = resize_mask_source(m, S)
+                    masks[k, j] = self.transforms.source_mask(m)
         return src, tgt, masks, processed, len(frames)
 
 
@@ -338,18 +229,6 @@ class BatchResult:
 
 def _encode(m: np.ndarray) -> dict:
     return encode_mask(m)
-
-
-_PREFETCH: Optional[cf.ThreadPoolExecutor] = None
-
-
-def prefetch_executor() -> cf.ThreadPoolExecutor:
-    """The one background loader thread of this process (reused: a new thread per split
-    would get a new malloc arena each time and grow the RSS run after run)."""
-    global _PREFETCH
-    if _PREFETCH is None:
-        _PREFETCH = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch")
-    return _PREFETCH
 
 
 def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation: dict, *,
@@ -531,13 +410,6 @@ class PredictSummary:
         return out
 
 
-def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def write_video(out_dir: str, pred: ObjectPrediction) -> str:
     """``<out>/<take>/<src>__<tgt>/<object>/<frame>.json`` for each predicted frame (the
     directory is created even if every frame was skipped, as the reference does)."""
@@ -658,27 +530,10 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
 
     official = {TASK_KEYS[direction]: {"version": "xx", "challenge": "xx", "results": results}}
     path = os.path.join(out_dir, f"predictions_{direction}.json")
-    _write_json(path, official)
+    write_json_atomic(path, official)
     summary.official_path = path
     summary.seconds = time.perf_counter() - t_start
     summary.compiled = sorted(runner.compiled)
-    _write_json(os.path.join(out_dir, f"predict_report_{direction}.json"),
+    write_json_atomic(os.path.join(out_dir, f"predict_report_{direction}.json"),
                 {"summary": summary.to_json(), "data_report": report.to_json()})
     return summary
-
-
-# ============================================================================ model loading
-
-
-def load_predict_model(checkpoint: str, seed: int = 0):
-    """``DIR`` written by ``python -m convert`` / ``save_model``, or ``random:<config-name>``
-    (random weights). Returns (model, cfg)."""
-    if checkpoint.startswith("random:"):
-        from lmeec_jax.models.config import get_config
-        from lmeec_jax.models.sam2 import build_model
-
-        cfg = get_config(checkpoint.split(":", 1)[1])
-        return build_model(cfg, seed=seed), cfg
-    from lmeec_jax.models.checkpoint import load_model
-
-    return load_model(checkpoint, seed=seed)

@@ -119,8 +119,8 @@ class ImageEncoder(nnx.Module):
         self.neck = neck
         self.scalp = scalp
 
-    def __call__(self, sample):
-        features, pos = self.neck(self.trunk(sample))
+    def __call__(self, sample, *, remat_blocks: bool = False):
+        features, pos = self.neck(self.trunk(sample, remat_blocks=remat_blocks))
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]
         return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}

@@ -369,12 +369,13 @@ class Hiera(nnx.Module):
             raise ValueError(f"feature size {(h, w)} is not a multiple of the window embedding {(wh, ww)}")
         return pe + jnp.tile(win, (1, h // wh, w // ww, 1))
 
-    def __call__(self, x):
+    def __call__(self, x, *, remat_blocks: bool = False):
+        """``remat_blocks``: each block under ``jax.checkpoint`` (recomputed in the backward pass)."""
         x = self.patch_embed(x)
         x = x + self._get_pos_embed(x.shape[1:3]).astype(x.dtype)
         outputs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = _remat_block(blk, x) if remat_blocks else blk(x)
             if i == self.stage_ends[-1] or (i in self.stage_ends and self.return_interm_layers):
                 outputs.append(x)
         return outputs
@@ -392,3 +393,17 @@ class Hiera(nnx.Module):
 
     def get_num_layers(self) -> int:
         return len(self.blocks)
+
+
+def _remat_block(blk, x):
+    """``blk(x)`` under ``jax.checkpoint``; the block's RNG streams (drop path) are carried out
+    functionally and written back, so that the stream counters advance as without remat."""
+    g, st = nnx.split(blk)
+
+    def f(st, x):
+        b = nnx.merge(g, st)
+        return b(x), nnx.state(b, nnx.RngState)
+
+    y, rs = jax.checkpoint(f)(st, x)
+    nnx.update(blk, rs)
+    return y

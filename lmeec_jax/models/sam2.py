@@ -114,12 +114,13 @@ class SAM2Model(nnx.Module):
             self.MV_MoE = MV_MoE(C, rngs=rngs)
 
     # ------------------------------------------------------------------ image
-    def forward_image(self, images):
+    def forward_image(self, images, *, remat_blocks: bool = False):
         """images [B, S, S, 3] normalised -> (backbone_fpn, vision_pos_enc), 3 levels each, high-res first.
 
         ``conv_s0``/``conv_s1`` of the mask decoder are applied to levels 0 and 1 (as SAM2Base).
+        ``remat_blocks``: recompute each Hiera block in the backward pass (training memory).
         """
-        out = self.image_encoder(images)
+        out = self.image_encoder(images, remat_blocks=remat_blocks)
         fpn = list(out["backbone_fpn"])
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
         fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
@@ -226,11 +227,13 @@ class SAM2Model(nnx.Module):
         else:
             mask_for_mem = jax.nn.sigmoid(pred_masks_high_res.astype(jnp.float32))
         mask_for_mem = mask_for_mem * self.cfg.sigmoid_scale_for_mem_enc + self.cfg.sigmoid_bias_for_mem_enc
+        if jnp.issubdtype(pix_feat.dtype, jnp.floating) and pix_feat.dtype != jnp.float32:
+            mask_for_mem = mask_for_mem.astype(pix_feat.dtype)  # the scaled mask in f32, the encoder in bf16
         out = self.memory_encoder(pix_feat, mask_for_mem, skip_mask_sigmoid=True)
         feats, pos = out["vision_features"], out["vision_pos_enc"][-1]
         if object_score_logits is not None:
             absent = 1.0 - (object_score_logits > 0).astype(feats.dtype)  # [B, 1]
-            feats = feats + absent[:, None, None, :] * self.no_obj_embed_spatial[...][:, None, None, :]
+            feats = feats + absent[:, None, None, :] * self.no_obj_embed_spatial[...][:, None, None, :].astype(feats.dtype)
         return feats, pos
 
     def tpos_enc(self, index):

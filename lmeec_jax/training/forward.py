@@ -23,8 +23,10 @@ Static shapes: the frames run in one ``lax.scan`` whose carry holds 6 window slo
 ``t - 6 + j``, so slot ``j`` always gets ``maskmem_tpos_enc[5 - j]``) and 7 pointer slots
 (newest first, slot ``k`` = frame ``t - 1 - k``) with validity masks; a masked slot gets no
 attention weight and shifts no RoPE or temporal encoding (on frame 0 every slot is
-masked and the memory expert's output is discarded). ``unroll=True`` instead runs a
-Python loop over compact lists exactly as the reference builds them (the test oracle).
+masked and the memory expert's output is discarded). The frame itself is the one
+:func:`lmeec_jax.tracking.frame_step.frame_step` that inference runs, over the
+:class:`~lmeec_jax.tracking.policies.TrainingWindow` memory; ``tests/train_oracle.py``
+builds the compact lists exactly as the reference does (the test oracle).
 
 Everything is a pure function of ``(graphdef, params, rngs, rest, batch)``: the module is
 merged inside (also inside the scan body, so dropout streams are carried through the scan
@@ -43,8 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmeec_jax.tracking.memory import training_window_tpos_index
 from lmeec_jax.models.sam2 import SAM2Model
+from lmeec_jax.tracking.frame_step import FrameInput, frame_step
+from lmeec_jax.tracking.policies import TrainingWindow
 
 __all__ = [
     "TrainForwardConfig",
@@ -55,8 +58,6 @@ __all__ = [
     "reseed_rngs",
     "encode_images",
     "clip_forward",
-    "window_slots",
-    "pointer_slots",
 ]
 
 
@@ -67,7 +68,6 @@ class TrainForwardConfig:
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_blocks: bool = False  # jax.checkpoint each Hiera block
     remat_frames: bool = False  # jax.checkpoint each frame: its image encoding (one frame at a time) and tracking step
-    unroll: bool = False  # Python loop with compact lists (reference structure) instead of lax.scan
     deterministic: bool = False  # True: dropout / drop-path off (for tests)
 
     @property
@@ -131,126 +131,12 @@ def cast_floating(tree, dtype):
 # ----------------------------------------------------------------------------- image encoder
 
 
-def _block(blk, x):
-    return blk(x)
-
-
-def _remat_block(blk, x):
-    """``blk(x)`` under ``jax.checkpoint``; the block's RNG streams (drop path) are carried
-    out functionally and written back."""
-    g, st = nnx.split(blk)
-
-    def f(st, x):
-        b = nnx.merge(g, st)
-        return b(x), nnx.state(b, nnx.RngState)
-
-    y, rs = jax.checkpoint(f)(st, x)
-    nnx.update(blk, rs)
-    return y
-
-
 def encode_images(model: SAM2Model, images, *, remat_blocks: bool = False, dtype=jnp.float32):
-    """``SAM2Model.forward_image`` with optional per-block rematerialisation.
-
-    images [n, S, S, 3] -> (fpn levels high-res first [n, 4h, 4w, C/8], [n, 2h, 2w, C/4],
-    [n, h, w, C]; pos of the lowest level [n, h, w, C]), all in ``dtype``.
-    """
-    trunk = model.image_encoder.trunk
-    x = trunk.patch_embed(images.astype(dtype))
-    x = x + trunk._get_pos_embed(x.shape[1:3]).astype(x.dtype)
-    block = _remat_block if remat_blocks else _block
-    outs = []
-    for i, blk in enumerate(trunk.blocks):
-        x = block(blk, x)
-        if i == trunk.stage_ends[-1] or (i in trunk.stage_ends and trunk.return_interm_layers):
-            outs.append(x)
-    feats, pos = model.image_encoder.neck(outs)
-    scalp = model.image_encoder.scalp
-    if scalp > 0:
-        feats, pos = feats[:-scalp], pos[:-scalp]
-    feats = list(feats)
-    feats[0] = model.sam_mask_decoder.conv_s0(feats[0])
-    feats[1] = model.sam_mask_decoder.conv_s1(feats[1])
-    return tuple(f.astype(dtype) for f in feats), pos[-1].astype(dtype)
-
-
-# ----------------------------------------------------------------------------- per-frame maths
-
-
-def _encode_memory(model: SAM2Model, pix_feat, mask_logits, object_score_logits, dtype):
-    """``SAM2Base._encode_new_memory`` (as ``SAM2Model.encode_new_memory``) with the scaled
-    mask computed in float32 and handed to the memory encoder in the compute dtype.
-    mask_logits [B, S, S, 1]; object_score_logits [B, 1] or None (object present).
-    Returns (features [B, N, mem], pos [B, N, mem])."""
-    cfg = model.cfg
-    m = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
-    m = (m * cfg.sigmoid_scale_for_mem_enc + cfg.sigmoid_bias_for_mem_enc).astype(dtype)
-    out = model.memory_encoder(pix_feat, m, skip_mask_sigmoid=True)
-    feats, pos = out["vision_features"], out["vision_pos_enc"][-1]
-    if object_score_logits is not None:
-        absent = 1.0 - (object_score_logits > 0).astype(feats.dtype)  # [B, 1]
-        feats = feats + absent[:, None, None, :] * model.no_obj_embed_spatial[...][:, None, None, :].astype(feats.dtype)
-    B = feats.shape[0]
-    return feats.reshape(B, -1, feats.shape[-1]).astype(dtype), pos.reshape(B, -1, pos.shape[-1]).astype(dtype)
-
-
-def window_slots(cfg) -> int:
-    """Memory window slots: ``num_maskmem - 1`` (6) previous frames."""
-    return cfg.num_maskmem - 1
-
-
-def pointer_slots(cfg, num_frames: int) -> int:
-    """Object-pointer slots: ``min(num_frames, max_obj_ptrs_in_encoder) - 1`` (7 for 8 frames)."""
-    return min(num_frames, cfg.max_obj_ptrs_in_encoder) - 1
-
-
-class _FrameFeats(NamedTuple):
-    fpn0: jax.Array  # [B, 4h, 4w, C/8]
-    fpn1: jax.Array  # [B, 2h, 2w, C/4]
-    tgt_feat: jax.Array  # [B, h, w, C]
-    tgt_pos: jax.Array  # [B, h, w, C]
-    src_feat: jax.Array  # [B, h, w, C]
-    src_mask: jax.Array  # [B, S, S]
-
-
-def _source_memory_and_view(model, ff: _FrameFeats, dtype, deterministic):
-    B, h, w, C = ff.tgt_feat.shape
-    src_mem, src_pos = _encode_memory(model, ff.src_feat, ff.src_mask.astype(jnp.float32)[..., None], None, dtype)
-    V = model.attend_memory(ff.tgt_feat, ff.tgt_pos, src_mem[:, None], src_pos[:, None], jnp.ones((B, 1), bool),
-                            deterministic=deterministic)
-    return src_mem, src_pos, V.astype(dtype)
-
-
-def _heads_and_target_memory(model, ff: _FrameFeats, fused, dtype, deterministic):
-    out = model.forward_sam_heads(fused.astype(dtype), high_res_features=[ff.fpn0, ff.fpn1], multimask_output=False,
-                                  add_dense_prompt=False, training=not deterministic)
-    tgt_mem, tgt_pos = _encode_memory(model, ff.tgt_feat, out["high_res_masks"], out["object_score_logits"], dtype)
-    res = (out["high_res_masks"][..., 0][:, None].astype(jnp.float32),
-           out["low_res_masks"][..., 0][:, None].astype(jnp.float32),
-           out["ious"].astype(jnp.float32), out["object_score_logits"].astype(jnp.float32))
-    return res, tgt_mem, tgt_pos, out["obj_ptr"].astype(dtype)
-
-
-def _memory_expert(model, ff: _FrameFeats, mem_feats, mem_pos, mem_valid, ptrs, ptr_tdiff, ptr_valid, t_diff_max,
-                   dtype, deterministic):
-    """M = memory attention over [src window | tgt window | pointer tokens].
-
-    mem_feats/mem_pos [B, 2W, N, mem] (source slots then target slots, pos already with the
-    temporal encoding), mem_valid [B, 2W]; ptrs [B, P, C], ptr_tdiff [B, P], ptr_valid [B, P]."""
-    B, h, w, C = ff.tgt_feat.shape
-    tokens, tok_pos = model.obj_ptr_tokens(ptrs, ptr_tdiff, t_diff_max)
-    k = tokens.shape[1] // max(ptrs.shape[1], 1)
-    M = model.attend_memory(ff.tgt_feat, ff.tgt_pos, mem_feats.astype(dtype), mem_pos.astype(dtype), mem_valid,
-                            ptr_tokens=tokens.astype(dtype), ptr_pos=tok_pos.astype(dtype),
-                            ptr_valid=jnp.repeat(ptr_valid, k, axis=1), deterministic=deterministic)
-    return M.astype(dtype)
-
-
-def _frame_feats(feats, t):
-    return _FrameFeats(*(x[t] for x in feats))
-
-
-# ----------------------------------------------------------------------------- the clip
+    """``SAM2Model.forward_image`` in the compute dtype: images [n, S, S, 3] -> (fpn levels
+    high-res first [n, 4h, 4w, C/8], [n, 2h, 2w, C/4], [n, h, w, C]; pos of the lowest
+    level [n, h, w, C])."""
+    fpn, pos = model.forward_image(images.astype(dtype), remat_blocks=remat_blocks)
+    return tuple(f.astype(dtype) for f in fpn), pos[-1].astype(dtype)
 
 
 def _frame_major_images(batch: ClipBatch):
@@ -259,29 +145,28 @@ def _frame_major_images(batch: ClipBatch):
     return jnp.swapaxes(imgs, 0, 1)
 
 
-def _all_features(model, batch: ClipBatch, fcfg: TrainForwardConfig, encoded=None):
-    """Image features of every frame of both views, frame-major: each field [T, B, ...].
-
-    ``encoded``: ``(fpn levels, pos)`` already computed, each [T, 2B, ...] (the per-frame
-    path of :func:`clip_forward`); otherwise all T*2B images are encoded in one batch."""
+def frame_inputs(encoded, batch: ClipBatch):
+    """Per-frame :class:`FrameInput` fields, frame-major ([T, B, ...] each), from the encoded
+    images ``(fpn levels, pos)`` of :func:`_frame_major_images` ([T, 2B, ...] each)."""
     B, T = batch.src_images.shape[:2]
-    if encoded is None:
-        imgs = _frame_major_images(batch)
-        encoded = jax.tree.map(lambda x: x.reshape((T, 2 * B) + x.shape[1:]),
-                               encode_images(model, imgs.reshape((T * 2 * B,) + imgs.shape[2:]),
-                                             remat_blocks=fcfg.remat_blocks, dtype=fcfg.compute_dtype))
     fpn, pos = encoded
+    src = lambda x: x[:, :B]
+    tgt = lambda x: x[:, B:]
+    return FrameInput(tgt_fpn=(tgt(fpn[0]), tgt(fpn[1]), tgt(fpn[2])), tgt_pos=tgt(pos), src_feat=src(fpn[2]),
+                      src_mask=jnp.swapaxes(batch.src_masks, 0, 1), processed=jnp.ones((T, B), bool),
+                      t=jnp.arange(T, dtype=jnp.int32))
 
-    def per_frame(x):  # [T, 2B, ...] -> (src [T, B, ...], tgt [T, B, ...])
-        x = x.reshape((T, 2, B) + x.shape[2:])
-        return x[:, 0], x[:, 1]
 
-    _, fpn0 = per_frame(fpn[0])
-    _, fpn1 = per_frame(fpn[1])
-    src_feat, tgt_feat = per_frame(fpn[2])
-    _, tgt_pos = per_frame(pos)
-    src_mask = jnp.swapaxes(batch.src_masks, 0, 1)
-    return _FrameFeats(fpn0, fpn1, tgt_feat, tgt_pos, src_feat, src_mask)
+def _encode_all(model, batch: ClipBatch, fcfg: TrainForwardConfig):
+    """All T*2B images in one encoder batch -> ``(fpn, pos)`` with each field [T, 2B, ...]."""
+    imgs = _frame_major_images(batch)
+    T, n = imgs.shape[:2]
+    out = encode_images(model, imgs.reshape((T * n,) + imgs.shape[2:]), remat_blocks=fcfg.remat_blocks,
+                        dtype=fcfg.compute_dtype)
+    return jax.tree.map(lambda x: x.reshape((T, n) + x.shape[1:]), out)
+
+
+# ----------------------------------------------------------------------------- the clip
 
 
 def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForwardConfig = TrainForwardConfig()):
@@ -289,32 +174,27 @@ def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForw
 
     ``graphdef, params, rngs, rest`` come from :func:`split_model` of a model in training
     mode (``model.train()``: dropout and drop-path on) or eval mode. Parameters are cast to
-    the compute dtype here; gradients w.r.t. ``params`` are float32.
+    the compute dtype here; gradients w.r.t. ``params`` are float32. Each frame is
+    :func:`lmeec_jax.tracking.frame_step.frame_step` over the :class:`TrainingWindow` memory.
     """
     dtype = fcfg.compute_dtype
-    det = fcfg.deterministic
     cparams = cast_floating(params, dtype)
     crest = cast_floating(rest, dtype)
-    model = nnx.merge(graphdef, cparams, rngs, crest)
-    cfg = model.cfg
-    T = batch.src_images.shape[1]
-    W = window_slots(cfg)
-    P = pointer_slots(cfg, T)
-    t_diff_max = P  # min(num_frames, max_obj_ptrs_in_encoder) - 1
-
-    if fcfg.unroll:
-        return _clip_unrolled(model, _all_features(model, batch, fcfg), T, t_diff_max, dtype, det)
+    merge = lambda r: nnx.merge(graphdef, cparams, r, crest)
+    cfg = merge(rngs).cfg
+    B, T = batch.src_images.shape[:2]
+    policy = TrainingWindow(cfg, T)
 
     # NNX variables merged at this level cannot be mutated under jax.grad, so every module
     # call that draws dropout bits runs on a module merged inside a transform (here a
     # checkpoint that saves everything, i.e. no recomputation; below the scan body) and
     # the RNG-stream state is threaded through explicitly.
     def encode(rngs_, b):
-        m = nnx.merge(graphdef, cparams, rngs_, crest)
-        return _all_features(m, b, fcfg), nnx.state(m, nnx.RngState)
+        m = merge(rngs_)
+        return _encode_all(m, b, fcfg), nnx.state(m, nnx.RngState)
 
     def encode_frame(rngs_, imgs):  # the 2B images of one frame
-        m = nnx.merge(graphdef, cparams, rngs_, crest)
+        m = merge(rngs_)
         return nnx.state(m, nnx.RngState), encode_images(m, imgs, remat_blocks=fcfg.remat_blocks, dtype=dtype)
 
     if fcfg.remat_frames:
@@ -322,84 +202,20 @@ def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForw
         # live for 2B images instead of T*2B (b+ at 480, 8 frames: ~8x less peak memory)
         rngs, encoded = jax.lax.scan(jax.checkpoint(encode_frame, prevent_cse=False), rngs,
                                      _frame_major_images(batch))
-        feats = _all_features(None, batch, fcfg, encoded=encoded)
     else:
-        feats, rngs = jax.checkpoint(encode, policy=jax.checkpoint_policies.everything_saveable)(rngs, batch)
+        encoded, rngs = jax.checkpoint(encode, policy=jax.checkpoint_policies.everything_saveable)(rngs, batch)
+    inputs = frame_inputs(encoded, batch)
+    h, w = inputs.src_feat.shape[2:4]
 
-    B = batch.src_images.shape[0]
-    h, w, C = feats.tgt_feat.shape[2:]
-    N, Cm = h * w, cfg.mem_dim
-    zeros_win = jnp.zeros((W, B, N, Cm), dtype)
-    carry = dict(src=zeros_win, src_pos=zeros_win, tgt=zeros_win, tgt_pos=zeros_win,
-                 ptr=jnp.zeros((P, B, C), dtype))
-    slot = jnp.arange(W, dtype=jnp.int32)
-    pslot = jnp.arange(P, dtype=jnp.int32)
-    tpos_idx = training_window_tpos_index(slot - W, 0)  # frame t-W+j at frame t -> W-1-j
-    tpos = model.tpos_enc(tpos_idx).astype(dtype)  # [W, mem]
-
-    def body(c, xs):
+    def body(c, inp):
         rngs_, mem = c
-        ff, t = xs
-        m = nnx.merge(graphdef, cparams, rngs_, crest)
-        src_mem, src_pos, V = _source_memory_and_view(m, ff, dtype, det)
-        win_valid = (t - W + slot) >= 0  # [W]
-        ptr_valid = (t - 1 - pslot) >= 0  # [P]
-        sw = jnp.swapaxes(mem["src"], 0, 1)  # [B, W, N, mem]
-        tw = jnp.swapaxes(mem["tgt"], 0, 1)
-        swp = jnp.swapaxes(mem["src_pos"], 0, 1) + tpos[None, :, None, :]
-        twp = jnp.swapaxes(mem["tgt_pos"], 0, 1) + tpos[None, :, None, :]
-        mem_valid = jnp.broadcast_to(jnp.concatenate([win_valid, win_valid])[None], (B, 2 * W))
-        ptrs = jnp.swapaxes(mem["ptr"], 0, 1)  # [B, P, C] newest first
-        tdiff = jnp.broadcast_to(jnp.where(ptr_valid, pslot + 1, 0)[None], (B, P))
-        # on frame 0 every key is masked: M is finite (zero attention) and unused
-        M = _memory_expert(m, ff, jnp.concatenate([sw, tw], 1), jnp.concatenate([swp, twp], 1), mem_valid, ptrs,
-                           tdiff, jnp.broadcast_to(ptr_valid[None], (B, P)), t_diff_max, dtype, det)
-        fused = m.MV_MoE(M, V) if cfg.mv_moe else M
-        fused = jnp.where(t >= 1, fused, V)  # the source window is non-empty from frame 1 on
-        res, tgt_mem, tgt_pos, obj_ptr = _heads_and_target_memory(m, ff, fused, dtype, det)
-        shift = lambda buf, new: jnp.concatenate([buf[1:], new[None].astype(buf.dtype)], 0)  # oldest first
-        new = dict(src=shift(mem["src"], src_mem), src_pos=shift(mem["src_pos"], src_pos),
-                   tgt=shift(mem["tgt"], tgt_mem), tgt_pos=shift(mem["tgt_pos"], tgt_pos),
-                   ptr=jnp.concatenate([obj_ptr[None].astype(mem["ptr"].dtype), mem["ptr"][:-1]], 0))  # newest first
-        return (nnx.state(m, nnx.RngState), new), res
+        m = merge(rngs_)
+        mem, out = frame_step(m, policy, mem, inp, deterministic=fcfg.deterministic)
+        res = (out.high_res_logits[:, None], out.low_res_logits[:, None], out.ious[:, None],
+               out.object_score_logits[:, None])
+        return (nnx.state(m, nnx.RngState), mem), res
 
     if fcfg.remat_frames:
         body = jax.checkpoint(body, prevent_cse=False)
-    ts = jnp.arange(T, dtype=jnp.int32)
-    (rngs, _), res = jax.lax.scan(body, (rngs, carry), (feats, ts))
+    (rngs, _), res = jax.lax.scan(body, (rngs, policy.init(B, h * w, dtype)), inputs)
     return ClipOutputs(*res), rngs
-
-
-def _clip_unrolled(model, feats, T, t_diff_max, dtype, det):
-    """Reference structure: Python loop, compact memory lists (no masking), static t."""
-    cfg = model.cfg
-    W = window_slots(cfg)
-    stored = {}  # frame -> (src_mem, src_pos, tgt_mem, tgt_pos, obj_ptr)
-    results = []
-    for t in range(T):
-        ff = _frame_feats(feats, t)
-        B = ff.tgt_feat.shape[0]
-        src_mem, src_pos, V = _source_memory_and_view(model, ff, dtype, det)
-        window = [f for f in range(t - W, t) if f in stored]  # oldest first (t_pos 1..6)
-        ptr_frames = [t - d for d in range(1, t_diff_max + 1) if t - d in stored]  # newest first
-        if window:
-            idx = training_window_tpos_index(jnp.asarray(window), t)
-            tp = model.tpos_enc(idx).astype(dtype)  # [L, mem]
-            sw = jnp.stack([stored[f][0] for f in window], 1)
-            tw = jnp.stack([stored[f][2] for f in window], 1)
-            swp = jnp.stack([stored[f][1] for f in window], 1) + tp[None, :, None]
-            twp = jnp.stack([stored[f][3] for f in window], 1) + tp[None, :, None]
-            ptrs = jnp.stack([stored[f][4] for f in ptr_frames], 1)
-            tdiff = jnp.broadcast_to(jnp.asarray([t - f for f in ptr_frames], jnp.int32)[None], (B, len(ptr_frames)))
-            L = len(window)
-            M = _memory_expert(model, ff, jnp.concatenate([sw, tw], 1), jnp.concatenate([swp, twp], 1),
-                               jnp.ones((B, 2 * L), bool), ptrs, tdiff, jnp.ones(tdiff.shape, bool), t_diff_max,
-                               dtype, det)
-            fused = model.MV_MoE(M, V) if cfg.mv_moe else M
-        else:
-            fused = V
-        res, tgt_mem, tgt_pos, obj_ptr = _heads_and_target_memory(model, ff, fused, dtype, det)
-        stored[t] = (src_mem, src_pos, tgt_mem, tgt_pos, obj_ptr)
-        results.append(res)
-    outs = [jnp.stack(x, 0) for x in zip(*results)]
-    return ClipOutputs(*outs), nnx.state(model, nnx.RngState)

@@ -33,6 +33,7 @@ from lmeec_jax.models.config import get_config
 from lmeec_jax.data import egoexo
 from lmeec_jax.data.pipeline import ClipSpec, make_iterator, make_train_dataset, steps_per_epoch
 from lmeec_jax.data.transforms import AugmentConfig
+from lmeec_jax.io import read_json, write_json_atomic
 from lmeec_jax.training.losses import multistep_multimask_loss
 from lmeec_jax.training import forward as LT
 from lmeec_jax.models.sam2 import build_model
@@ -323,7 +324,7 @@ class Trainer:
         if cfg.eval.initial and step == 0 and self.val_dir:
             initial = self.evaluate(baseline=False)
             if initial is not None:
-                (self.workdir / "eval_initial.json").write_text(json.dumps(initial, indent=2))
+                write_json_atomic(self.workdir / "eval_initial.json", initial, indent=2)
                 self.log(f"before training: IoU {initial['model']['iou']:.4f}")
         bar = None
         if cfg.runtime.progress and self.is_main:
@@ -389,7 +390,7 @@ class Trainer:
             res = self.evaluate(baseline=cfg.eval.baseline, overlays=cfg.eval.overlays)
             if res is not None:
                 if initial is None and (self.workdir / "eval_initial.json").is_file():
-                    initial = json.loads((self.workdir / "eval_initial.json").read_text())
+                    initial = read_json(self.workdir / "eval_initial.json")
                 final = {**{k: res["model"][k] for k in ("iou", "contour_accuracy", "location_error",
                                                          "balanced_accuracy")},
                          "step": step, "n_videos": res["n_videos"], "model": res["model"]}
@@ -398,7 +399,7 @@ class Trainer:
                 if initial is not None:
                     final["before_training"] = initial["model"]
                 final["wall_time_s"] = round(time.time() - self.t_start, 1)
-                (self.workdir / "eval_final.json").write_text(json.dumps(final, indent=2))
+                write_json_atomic(self.workdir / "eval_final.json", final, indent=2)
                 self._write({"step": step, "eval": res})
                 summary["eval"] = final
         summary["wall_s"] = round(time.time() - self.t_start, 1)
