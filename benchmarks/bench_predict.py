@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         peak_live = 0
         stamps: list = []
 
-        def step(self, *a, **kw):
-            out = super().step(*a, **kw)
+        def run(self, *a, **kw):
+            out = super().run(*a, **kw)
             self.peak_live = max(self.peak_live, _live_bytes())
             self.stamps.append(time.perf_counter())
             return out

@@ -14,7 +14,10 @@ import sys
 COMMANDS = {
     "predict": "predict",
     "score": "score",
+    "merge": "merge",
     "show": "show",
+    "report": "report",
+    "track": "track",
     "build-gt": "build_gt",
     "make-synthetic": "make_synthetic",
     "prepare-egoexo": "prepare_egoexo",

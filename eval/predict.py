@@ -3,7 +3,9 @@
     python -m eval predict --checkpoint DIR|random:<config> --data SPLIT_DIR \
         --direction ego2exo|exo2ego --out OUT_DIR [--chunk K] [--max-objects B] \
         [--batch-buckets 1,2,4,8] [--takes T1,T2] [--official-shape] \
-        [--dtype float32|bfloat16] [--precision highest|default] [--no-progress]
+        [--dtype float32|bfloat16] [--precision highest|default] [--no-progress] \
+        [--protocol official|lmeec] [--frames official|reference] [--confidence score|area] \
+        [--shard I/N] [--overwrite]
 
 Writes, as LM-EEC's ``tools/correspondence_inference.py`` does, one file per predicted
 frame, ``OUT_DIR/<take>/<src_cam>__<tgt_cam>/<object>/<frame>.json`` = the pycocotools
@@ -24,8 +26,28 @@ Objects of one camera pair with the same frame list run as one batch (padded to 
 ``--max-objects``, or to ``--batch-buckets``), videos run ``--chunk`` frames per jitted
 call: the model compiles once per batch size used.
 
+Evaluation chains (``--protocol``, the same word as ``eval score --protocol``):
+
+* ``official`` (default): a video's frames are the source view's GT frames of the object
+  (∩ the target's ``annotated_frames`` where the annotation lists them); target masks are
+  never read (a split with withheld target masks predicts the same frames);
+  ``confidence`` = sigmoid(object score);
+* ``lmeec``: LM-EEC's chain: the reference's frame list (source JPEGs ∩ the target's GT
+  keys) and ``confidence = int(area > 0.1%)`` of the 480x480 mask (``merge_results.py``).
+
+``--frames official|reference`` and ``--confidence score|area`` override either part; the
+choice is recorded in ``predict_report_<direction>.json``.
+
+Resuming: each video is committed (its folder renamed into place, then a completion record
+``OUT_DIR/.done/<direction>/<hash>.json``); running the same command again after a crash
+or Ctrl-C keeps the finished videos and predicts the rest. A folder holding a run with
+other settings or another checkpoint is refused (exit 2) unless ``--overwrite``.
+``--shard I/N`` predicts the takes i with i mod N == I (natural order); ``python -m eval
+merge`` assembles the shards' official JSONs.
+
 Exit status: 0 if every video was written; 1 if a take or video was skipped because of bad
-input (missing / corrupt frame, malformed annotation: each named in the output).
+input (missing / corrupt frame, malformed annotation: each named in the output) or the split
+has no usable video; 2 bad arguments or output folder; 130 interrupted (SIGINT / SIGTERM).
 """
 
 from __future__ import annotations
@@ -56,10 +78,64 @@ def register(subparsers) -> None:
                    help="matmul precision (default: highest for float32, default for bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:<config> weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--protocol", default="official", choices=("official", "lmeec"),
+                   help="evaluation chain (frame list + confidence rule), as eval score --protocol (default official)")
+    p.add_argument("--frames", default=None, choices=("official", "reference"),
+                   help="override the chain's frame list (official: source GT frames; reference: LM-EEC's list)")
+    p.add_argument("--confidence", default=None, choices=("score", "area"),
+                   help="override the chain's confidence (score: sigmoid(object score); area: LM-EEC's area rule)")
+    p.add_argument("--shard", default=None, help="I/N: predict only shard I of N (whole takes); see eval merge")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict again into an --out that holds a run with other settings")
     p.set_defaults(func=main)
 
 
+def _check_paths(args):
+    """One-line message for an unusable --data / --out, else None."""
+    import os
+
+    from lmeec_jax.io import unwritable_reason
+
+    if not os.path.isdir(args.data):
+        return f"--data {args.data}: {'not a directory' if os.path.exists(args.data) else 'no such directory'}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out}: exists and is not a directory"
+    if os.path.isdir(args.out) and not os.access(args.out, os.W_OK | os.X_OK):
+        return f"--out {args.out}: not writable"
+    why = unwritable_reason(args.out)
+    return f"--out {args.out}: not writable ({why})" if why else None
+
+
+def _checkpoint_id(spec: str, seed: int) -> str:
+    import os
+
+    from lmeec_jax.io import fingerprint
+
+    if os.path.exists(spec):
+        return f"sha256:{fingerprint(spec)}"
+    return f"{spec}:seed={seed}"
+
+
 def main(args) -> int:
+    """SIGTERM is handled as Ctrl-C: whatever is running stops, the report (if prediction
+    started) says what is done, exit 130."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: what is done is kept (report: {args.out}/predict_report_{args.direction}.json, if "
+              "prediction had started); run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(args) -> int:
     from lmeec_jax.models.load import MissingMVMoE
     from lmeec_jax.inference.predictor import Predictor
 
@@ -75,6 +151,19 @@ def main(args) -> int:
     if buckets and (min(buckets) < 1 or max(buckets) < args.max_objects):
         print("error: --batch-buckets must be >= 1 and include a size >= --max-objects", file=sys.stderr)
         return 2
+    from lmeec_jax.inference.split import CHAINS, NothingToPredict, RunMismatch, parse_shard
+
+    msg = _check_paths(args)
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    try:
+        shard = parse_shard(args.shard) if args.shard else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    frames, confidence = CHAINS[args.protocol]
+    frames, confidence = args.frames or frames, args.confidence or confidence
     try:
         predictor = Predictor.load(args.checkpoint, seed=args.seed, dtype=args.dtype, precision=args.precision,
                                    chunk=args.chunk, max_objects=args.max_objects)
@@ -87,8 +176,22 @@ def main(args) -> int:
     cfg = predictor.cfg
     print(f"model {cfg.name} ({args.checkpoint}), image size {cfg.image_size}, dtype {args.dtype}, "
           f"precision {predictor.runner.precision}, chunk {args.chunk}, max objects {args.max_objects}", flush=True)
-    summary = predictor.predict_split(args.data, args.direction, args.out, buckets=buckets, takes=takes,
-                                      official_shape_frames=args.official_shape, progress=not args.no_progress)
+    print(f"protocol {args.protocol}: frames {frames}, confidence {confidence}"
+          + (f", shard {shard[0]}/{shard[1]}" if shard else ""), flush=True)
+    run = {"checkpoint": _checkpoint_id(args.checkpoint, args.seed), "dtype": args.dtype,
+           "precision": predictor.runner.precision, "chunk": args.chunk, "max_objects": args.max_objects,
+           "batch_buckets": buckets, "protocol": args.protocol}
+    try:
+        summary = predictor.predict_split(args.data, args.direction, args.out, buckets=buckets, takes=takes,
+                                          official_shape_frames=args.official_shape, progress=not args.no_progress,
+                                          frames=frames, confidence=confidence, shard=shard, run=run,
+                                          overwrite=args.overwrite)
+    except (RunMismatch, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NothingToPredict as e:
+        print(f"error: nothing to predict: {e}", file=sys.stderr)
+        return 1
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 1

@@ -93,10 +93,35 @@ def render_video(split_dir, rec, out_dir, pred_dir=None, height=360, gif_ms=500,
     return pngs
 
 
-def main(args) -> int:
-    from lmeec_jax.data.egoexo import list_take_videos, load_annotation
+def _path_problem(args):
+    """A one-line message if ``--data`` / ``--take`` / ``--pred`` do not name what they must."""
+    if not os.path.isdir(args.data):
+        what = "not a directory" if os.path.exists(args.data) else "no such directory"
+        return f"--data {args.data}: {what}"
+    take_dir = os.path.join(args.data, args.take)
+    if not os.path.isdir(take_dir):
+        takes = sorted(d for d in os.listdir(args.data) if os.path.isdir(os.path.join(args.data, d)))
+        shown = ", ".join(takes[:5]) + (f", ... ({len(takes)} in all)" if len(takes) > 5 else "")
+        return f"--take {args.take}: no take directory {take_dir} (takes: {shown or 'none'})"
+    if args.pred and not os.path.isdir(args.pred):
+        return f"--pred {args.pred}: no such directory"
+    return None
 
-    ann = load_annotation(os.path.join(args.data, args.take), args.take)
+
+def main(args) -> int:
+    import sys
+
+    from lmeec_jax.data.egoexo import DataError, list_take_videos, load_annotation
+
+    problem = _path_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        ann = load_annotation(os.path.join(args.data, args.take), args.take)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     recs = [r for r in list_take_videos(args.data, args.take, args.direction, annotation=ann)
             if r.obj == args.obj and (args.pair is None or r.pair == args.pair)]
     if not recs:

@@ -246,3 +246,308 @@ def test_malicious_pickle_names_the_blocked_global(tmp_path, capsys):
         assert convert_main(["--src", str(path), "--out", str(tmp_path / "o")]) == 1
         _one_line(capsys.readouterr().err, path, f"{os.system.__module__}.system", "refused for safety")
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m train
+# ---------------------------------------------------------------------------------------------
+# The configs are tests/test_train.py's (nano model at 64 px, 4-frame clips, its 2-take split),
+# written to a YAML file for --config. Most rows swap the compiled train step for a trivial one
+# (`fake_step`: the state's step + 1, a constant loss), which keeps them to seconds; the real step
+# runs in the interrupt row of `python -m train` in a child process (slow: one compilation).
+
+from lmeec_jax.training import config as C  # noqa: E402
+from lmeec_jax.training import trainer as trainer_mod  # noqa: E402
+from lmeec_jax.training.checkpointing import Checkpointer  # noqa: E402
+from tests.test_train import _cfg, jax_cache, synth_dir  # noqa: E402,F401  (fixtures)
+from train.__main__ import main as train_main  # noqa: E402
+
+
+def _train_config(tmp_path, synth_dir, jax_cache, **over) -> Path:
+    """tests/test_train.py's small config (+ ``over``) as a YAML file for ``--config``."""
+    path = tmp_path / "cfg.yaml"
+    C.save_config(_cfg(synth_dir, jax_cache, **over), path)
+    return path
+
+
+@pytest.fixture
+def fake_step(monkeypatch):
+    """A trivial train step (no model compilation); ``signal_at[step] = SIG`` sends SIG to this
+    process from inside the compiled call that makes ``step``."""
+    import jax
+    import jax.numpy as jnp
+
+    signal_at: dict = {}
+
+    def send(step):
+        sig = signal_at.get(int(step))
+        if sig is not None:
+            os.kill(os.getpid(), sig)
+
+    def make_train_step(*args, **kwargs):
+        def step(state, batch, rngs):
+            jax.debug.callback(send, state["step"] + 1)
+            loss = jnp.mean(batch["tgt_masks"].astype(jnp.float32))
+            return {**state, "step": state["step"] + 1}, {"loss": loss, "grad_norm": jnp.float32(1.0)}
+        return step
+
+    real_build = trainer_mod.build_train_model
+
+    def build_train_model(cfg, log=print):  # built once per model config (the random init takes long)
+        from flax import nnx
+
+        key = C.config_yaml(cfg).split("\ndata:")[0]
+        if key not in _MODELS:
+            _MODELS[key] = real_build(cfg, log)
+        model, mcfg = _MODELS[key]
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(jnp.array, state)), mcfg  # a copy: the step donates its state
+
+    monkeypatch.setattr(trainer_mod, "make_train_step", make_train_step)
+    monkeypatch.setattr(trainer_mod, "build_train_model", build_train_model)
+    return signal_at
+
+
+_MODELS: dict = {}
+
+
+def _train(capsys, *argv) -> tuple[int, str, str]:
+    """``python -m train ARGV`` in this process: (status, stdout, stderr)."""
+    try:
+        rc = train_main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _steps(workdir: Path) -> list[int]:
+    return Checkpointer(workdir / "checkpoints").all_steps()
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_config_values_all_reported(tmp_path, capsys):
+    """Row 1: out-of-range values, unknown keys in free-form dicts and missing paths are all
+    reported before anything runs, one line each, status 2; nothing is created."""
+    sets = {"train.steps=0": "train.steps", "train.keep=0": "train.keep", "train.batch_size=0": "train.batch_size",
+            "model.dtype=int8": "model.dtype", "model.overrides.bogus=1": "model.overrides.bogus",
+            "data.augment.hflip_p=1.5": "data.augment.hflip_p", "optim.base_lr=-1": "optim.base_lr",
+            "data.synthetic.p_small=2": "data.synthetic.p_small",
+            f"model.init_from={tmp_path / 'nomodel'}": "model.init_from"}
+    argv = [x for s in sets for x in ("--set", s)]
+    rc, out, err = _train(capsys, *argv, "--workdir", tmp_path / "w")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == len(sets) and "Traceback" not in err, err
+    assert all(line.startswith("error: ") for line in lines), err
+    for key in sets.values():
+        assert sum(f"{key}:" in line or f"key {key} " in line for line in lines) == 1, (key, err)
+    assert not (tmp_path / "w").exists()
+    for bad, key in (("train.steps=-3", "train.steps"), ("data.synthetic.enabled=false", "data.train_dir")):
+        rc, _, err = _train(capsys, "--set", bad, "--workdir", tmp_path / "w")
+        assert rc == 2
+        _one_line(err, key)
+    # and the API: load_config raises one ConfigError with all of them
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(None, ["train.steps=0", "model.dtype=int8"])
+    assert len(e.value.problems) == 2
+
+
+def test_resume_with_changed_recipe_is_refused(tmp_path, synth_dir, jax_cache, fake_step, capsys):
+    """Row 2: resuming with another model or recipe: one line naming the keys (old -> new),
+    status 2, workdir untouched; --resume-changed resumes and keeps the old config.yaml."""
+    cfg = _train_config(tmp_path, synth_dir, jax_cache, **{"train.steps": 2})
+    wd = tmp_path / "w"
+    assert _train(capsys, "--config", cfg, "--workdir", wd)[0] == 0
+    before = _snapshot(wd)
+    for sets, words in ((["optim.base_lr=5e-4"], ["optim.base_lr: 0.001 -> 0.0005"]),
+                        (["model.overrides.fuser_layers=2", "train.steps=3"],
+                         ["model.overrides.fuser_layers: 1 -> 2", "train.steps: 2 -> 3"])):
+        rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd, *[x for s in sets for x in ("--set", s)])
+        assert rc == 2
+        _one_line(err, wd / "config.yaml", "step 2", "--resume-changed", *words)
+        after = _snapshot(wd)
+        after.pop("error.log", None)  # the CLI's log (the traceback of the refusal)
+        assert after == {k: v for k, v in before.items() if k != "error.log"}
+
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd, "--set", "optim.base_lr=5e-4", "--resume-changed")
+    assert rc == 0 and err == "", err
+    assert "resumed from step 2" in out
+    kept = sorted(wd.glob("config.*.yaml"))
+    assert len(kept) == 1 and kept[0].read_bytes() == before["config.yaml"]
+    assert C.load_config(wd / "config.yaml").optim.base_lr == 5e-4
+
+
+def _failing_async_save(monkeypatch, fail_step: int):
+    """The checkpoint writer of step ``fail_step`` fails in the background with ENOSPC."""
+    real = ocp.StandardCheckpointHandler.async_save
+
+    class DiskFull:
+        def result(self, timeout=None):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def async_save(self, directory, *args, **kwargs):
+        futures = await real(self, directory, *args, **kwargs)
+        if Path(directory).parent.name.split(".")[0] == str(fail_step):
+            return list(futures or []) + [DiskFull()]
+        return futures
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+
+
+def test_failed_async_save_stops_at_once(tmp_path, synth_dir, jax_cache, fake_step, capsys, monkeypatch):
+    """Row 3a: the background save of step 4 fails (disk full): training stops as soon as the
+    failure is known (between two steps; at the latest before the next save, step 6, not at the
+    end), with one line naming the step's path and the cause, status 1; step 2 restores."""
+    cfg = _train_config(tmp_path, synth_dir, jax_cache, **{"train.steps": 8, "train.async_checkpointing": True})
+    wd = tmp_path / "w"
+    real_next = trainer_mod.Trainer._next_batch
+    monkeypatch.setattr(trainer_mod.Trainer, "_next_batch", lambda self: (time.sleep(0.3), real_next(self))[1])
+    real_async_save = ocp.StandardCheckpointHandler.async_save
+    _failing_async_save(monkeypatch, 4)
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 1
+    _one_line(err, wd / "checkpoints" / "4", "No space left on device")
+    assert max(r["step"] for r in _metrics(wd)) <= 6  # stopped, not run on to the end (8)
+    assert _steps(wd) == [2]
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", real_async_save)  # the disk has room again
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 0 and "resumed from step 2" in out, err
+    assert _steps(wd) == [2, 4, 6, 8]
+
+
+def test_corrupt_latest_checkpoint_restores_the_previous(tmp_path, synth_dir, jax_cache, fake_step, capsys):
+    """Row 3b: the latest checkpoint's files truncated: one line, the previous step restored,
+    the bad one moved aside (not deleted), training completes."""
+    cfg = _train_config(tmp_path, synth_dir, jax_cache, **{"train.steps": 4})
+    wd = tmp_path / "w"
+    assert _train(capsys, "--config", cfg, "--workdir", wd)[0] == 0
+    assert _steps(wd) == [2, 4]
+    for p in (wd / "checkpoints" / "4").rglob("*"):
+        if p.is_file():
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 0 and err == "", err
+    warn = [line for line in out.splitlines() if "cannot be restored" in line]
+    assert len(warn) == 1 and str(wd / "checkpoints" / "4") in warn[0] and "restoring step 2" in warn[0], out
+    assert "resumed from step 2" in out and _steps(wd) == [2, 4]
+    assert any((wd / "checkpoints.unreadable").iterdir())  # kept for inspection
+    steps = [r["step"] for r in _metrics(wd) if "loss" in r]
+    assert steps[-2:] == [3, 4]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_inside_a_compiled_step_saves_and_exits_130(tmp_path, synth_dir, jax_cache, fake_step, capsys, sig):
+    """Row 4: a signal that arrives during a compiled step: the checkpoint of the current step
+    is saved, one line, status 130; the run resumes from it."""
+    cfg = _train_config(tmp_path, synth_dir, jax_cache, **{"train.steps": 6, "train.ckpt_every": 0})
+    wd = tmp_path / "w"
+    fake_step[3] = sig
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 130
+    line = _one_line(err, f"interrupted by {signal.Signals(sig).name}", "checkpoint saved")
+    step = _steps(wd)
+    assert len(step) == 1 and str(wd / "checkpoints" / str(step[0])) in line and 3 <= step[0] < 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    fake_step.clear()
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 0 and f"resumed from step {step[0]}" in out
+
+
+@pytest.mark.slow
+def test_sigint_to_python_m_train_saves_a_checkpoint(tmp_path, synth_dir, jax_cache):
+    """Row 4, the real command: SIGINT after the first metrics line -> a checkpoint at the
+    current step, one line on stderr, status 130 (one train-step compilation: minutes)."""
+    cfg = _train_config(tmp_path, synth_dir, jax_cache, **{"train.steps": 50, "train.ckpt_every": 0})
+    wd = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--config", str(cfg), "--workdir", str(wd)], cwd=REPO,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(proc, lambda: (wd / "metrics.jsonl").is_file() and (wd / "metrics.jsonl").stat().st_size,
+                         timeout=900), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    line = _one_line(err, "interrupted by SIGINT", "checkpoint saved")
+    steps = _steps(wd)
+    assert len(steps) == 1 and 1 <= steps[0] < 50 and str(wd / "checkpoints" / str(steps[0])) in line
+
+
+def _break_take(split: Path, take_index: int = 0) -> str:
+    """Delete every frame file of one take (its camera folders stay): its clips cannot load."""
+    take = sorted(p.name for p in split.iterdir() if p.is_dir())[take_index]
+    for jpg in (split / take).rglob("*.jpg"):
+        jpg.unlink()
+    return take
+
+
+def test_bad_frames_are_skipped_counted_and_stop_past_the_threshold(tmp_path, synth_dir, jax_cache, fake_step,
+                                                                    capsys):
+    """Row 5: missing frame files (with data.preresize set, where the first frame used to be
+    opened outside the skip path) are skipped and counted in metrics.jsonl; past
+    train.max_skip_rate the run stops with one line, status 1, keeping a checkpoint."""
+    split = tmp_path / "split"
+    shutil.copytree(synth_dir, split)
+    _break_take(split)
+    over = {"train.steps": 3, "train.max_skip_rate": 1.0, "train.skip_min_clips": 1}
+    cfg = _train_config(tmp_path, split, jax_cache, **over)
+    wd = tmp_path / "w"
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 0 and err == "", err
+    last = [r for r in _metrics(wd) if "loss" in r][-1]
+    assert last["step"] == 3 and last["skipped"] > 0 and last["clips_read"] == 6 + last["skipped"]
+
+    cfg = _train_config(tmp_path, split, jax_cache, **{**over, "train.max_skip_rate": 0.05})
+    wd = tmp_path / "w2"
+    rc, out, err = _train(capsys, "--config", cfg, "--workdir", wd)
+    assert rc == 1
+    _one_line(err, split, "skipped for bad data", "train.max_skip_rate 0.05", "frame file missing",
+              "checkpoint of step 0")
+    assert _steps(wd) == [0]
+    assert "error" in _metrics(wd)[-1]
+
+
+def test_workdir_that_is_a_file_or_read_only(tmp_path, capsys, monkeypatch):
+    """Row 6: --workdir a file, or in a read-only folder: one line, status 2, nothing written."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine\n")
+    rc, _, err = _train(capsys, "--workdir", f)
+    assert rc == 2
+    _one_line(err, f, "not a directory")
+    assert f.read_text() == "mine\n"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
+    rc, _, err = _train(capsys, "--workdir", ro / "w")
+    assert rc == 2
+    _one_line(err, ro / "w", "read-only")
+    assert not any(ro.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m eval show
+# ---------------------------------------------------------------------------------------------
+
+
+def test_show_unknown_take_or_missing_data(tmp_path, synth_dir, capsys):
+    """Row 1: --take that is not in --data, or --data that does not exist: one line, status 2."""
+    from eval.__main__ import main as eval_main
+
+    out = tmp_path / "out"
+    assert eval_main(["show", "--data", str(synth_dir), "--take", "nosuch", "--object", "x", "--out", str(out)]) == 2
+    _one_line(capsys.readouterr().err, "--take nosuch", synth_dir / "nosuch")
+    missing = tmp_path / "nodata"
+    assert eval_main(["show", "--data", str(missing), "--take", "t", "--object", "x", "--out", str(out)]) == 2
+    _one_line(capsys.readouterr().err, missing, "no such directory")
+    assert not out.exists()

@@ -203,7 +203,7 @@ def test_inputs_match(run):
 
 def test_bank_schedule(run):
     """The reference's bank sizes per frame are those of our eager memory rule (memory.py)."""
-    from lmeec_jax.tracking.memory import EagerDualMemory
+    from tests.memory_oracle import EagerDualMemory
 
     ref = run["ref"]
     em = EagerDualMemory(T)

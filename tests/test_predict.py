@@ -108,7 +108,7 @@ def test_buckets_and_grouping():
 def test_layout_and_json(env, e2x, x2e, direction):
     rc, out = e2x if direction == "ego2exo" else x2e
     assert rc == 0
-    recs = egoexo.list_videos(env["split"], direction)
+    recs = egoexo.list_videos(env["split"], direction, frames="official")  # the default chain's frames
     assert recs
     n_files = n_nonempty = 0
     for rec in recs:
@@ -160,7 +160,7 @@ def test_equals_direct_scan(env, e2x):
     one direct ``scan_chunk`` over the whole video, fed by the data module's own loader."""
     _, out = e2x
     model = env["model"]
-    recs = egoexo.list_videos(env["split"], "ego2exo")
+    recs = egoexo.list_videos(env["split"], "ego2exo", frames="official")
     groups = P.group_videos(recs, MAX_OBJ)
     picked = [g.records[1] for g in groups if len(g.records) == 2][:1] + \
              [g.records[0] for g in groups if len(g.records) == 1][:1]
@@ -224,7 +224,7 @@ def test_corrupt_jpeg_skips_only_that_take(env, e2x, capsys):
     assert "FAILED" in text and bad_take in text and "cam01" in text and "'120'" in text
     rep = json.load(open(os.path.join(out, "predict_report_ego2exo.json")))
     failed = rep["summary"]["videos_failed"]
-    n_bad = len(egoexo.list_videos(split, "ego2exo", takes=[bad_take]))
+    n_bad = len(egoexo.list_videos(split, "ego2exo", takes=[bad_take], frames="official"))
     assert len(failed) == n_bad and all(p["take"] == bad_take and p["frame"] == "120" for p in failed)
     assert not os.path.exists(os.path.join(out, bad_take))  # nothing half-written
     good_take = env["takes"][0]

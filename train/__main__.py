@@ -10,13 +10,91 @@ resumed (``--resume`` insists on one, ``--fresh`` ignores it). Outputs in the wo
 ``checkpoints/<step>/``, ``eval_final.json``, ``overlays/``. ``--dry-run`` prints the resolved
 config as YAML (loadable again with ``--config``) and exits without building the model or
 touching data or the workdir.
+
+Faults end with one line on stderr (``error: ...``, naming the path or key and the cause; a
+full traceback, and what libraries log, go to ``<workdir>/error.log``) and a status: 2 a bad
+config (every problem, one line each), ``--workdir`` a file or read-only, or resuming a
+workdir whose ``config.yaml`` has another model or recipe (``--resume-changed`` resumes anyway,
+keeping the old file as ``config.<time>.yaml``); 1 a storage fault (a checkpoint that cannot be
+written, none readable) or bad training data (more than ``train.max_skip_rate`` of the clips
+skipped); 3 a non-finite loss; 130 SIGINT / SIGTERM (a checkpoint of the current step is saved
+first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
+import threading
+import traceback
+from pathlib import Path
+
+
+def _fail(lines, code: int):
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def check_workdir(path) -> Path:
+    """``--workdir``: a directory (or a new one) that can be written, else one line, status 2."""
+    wd = Path(path)
+    if wd.exists() and not wd.is_dir():
+        _fail([f"--workdir {wd}: not a directory (a file is there)"], 2)
+    probe = wd
+    while not probe.exists():  # the nearest existing folder is where it gets created
+        probe = probe.parent
+    if not probe.is_dir():
+        _fail([f"--workdir {wd}: {probe} is not a directory"], 2)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail([f"--workdir {wd}: {probe} is read-only (permission denied)"], 2)
+    return wd
+
+
+@contextlib.contextmanager
+def _quiet_stderr(log_path: Path):
+    """Send the libraries' output to ``log_path``: file descriptor 2 (C++ logs), Python
+    logging, thread / unraisable exceptions. ``sys.stderr`` keeps going where it went (the
+    progress bar and the one-line errors)."""
+    log = open(log_path, "a", buffering=1)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    term = sys.stderr
+    if getattr(term, "fileno", None) is not None:
+        try:
+            if term.fileno() == 2:  # the real stderr: keep a copy of it for ours
+                term = os.fdopen(os.dup(saved_fd), "w", buffering=1)
+        except (OSError, ValueError):  # a captured stream without a descriptor
+            pass
+    os.dup2(log.fileno(), 2)
+    old_stderr, old_thread, old_unraisable = sys.stderr, threading.excepthook, sys.unraisablehook
+    root = logging.getLogger()
+    old_handlers, old_level = root.handlers[:], root.level
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    old_last_resort, logging.lastResort = logging.lastResort, handler
+    sys.stderr = term
+    threading.excepthook = lambda a: traceback.print_exception(a.exc_type, a.exc_value, a.exc_traceback, file=log)
+    sys.unraisablehook = lambda u: traceback.print_exception(type(u.exc_value), u.exc_value, u.exc_traceback,
+                                                             file=log)
+    try:
+        yield log
+    finally:
+        sys.stderr.flush()
+        sys.stderr, threading.excepthook, sys.unraisablehook = old_stderr, old_thread, old_unraisable
+        root.handlers, logging.lastResort = old_handlers, old_last_resort
+        root.setLevel(old_level)
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        if term is not old_stderr:
+            term.close()
+        log.close()
 
 
 def main(argv=None) -> int:
@@ -30,6 +108,9 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require a checkpoint in the workdir and resume from it")
     g.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start from step 0")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume even though the model or recipe differs from the workdir's config.yaml "
+                   "(the old one is kept as config.<time>.yaml)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
     args = p.parse_args(argv)
@@ -37,30 +118,53 @@ def main(argv=None) -> int:
     from lmeec_jax.training.config import ConfigError, config_yaml, load_config
 
     overrides = list(args.overrides) + (["runtime.distributed=true"] if args.distributed else [])
-    try:
-        cfg = load_config(args.config, overrides)
+    try:  # a dry run only prints: the input paths need not exist yet
+        cfg = load_config(args.config, overrides, check_paths=not args.dry_run)
     except ConfigError as e:
-        p.error(str(e))
+        _fail(e.problems or [str(e)], 2)
     if args.dry_run:
         sys.stdout.write(config_yaml(cfg))
         return 0
-    workdir = args.workdir or f"work_dirs/{cfg.name}"
+    workdir = check_workdir(args.workdir or f"work_dirs/{cfg.name}")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail([f"--workdir {workdir}: {e.strerror or e}"], 2)
+    with _quiet_stderr(workdir / "error.log") as log:
+        return _train(cfg, workdir, args, log)
 
-    from lmeec_jax.training.trainer import NonFiniteLoss, Trainer
+
+def _train(cfg, workdir: Path, args, log) -> int:
+    from lmeec_jax.training.checkpointing import CheckpointError
+    from lmeec_jax.training.trainer import ConfigChanged, DataFault, Interrupted, NonFiniteLoss, StopRequest, Trainer
+
+    def error(e: BaseException, code: int) -> int:
+        traceback.print_exception(type(e), e, e.__traceback__, file=log)
+        print(f"error: {' '.join(str(e).split(chr(10)))}", file=sys.stderr)
+        return code
 
     resume = "required" if args.resume else "never" if args.fresh else "auto"
-    try:
-        trainer = Trainer(cfg, workdir, resume=resume)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = trainer.train()
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        trainer.close()
+    trainer = None
+    with StopRequest() as stop:
+        try:
+            trainer = Trainer(cfg, workdir, resume=resume, resume_changed=args.resume_changed, stop=stop)
+            summary = trainer.train()
+        except Interrupted as e:
+            return error(e, 130)
+        except (CheckpointError, DataFault) as e:
+            return error(e, 1)
+        except NonFiniteLoss as e:
+            return error(e, 3)
+        except (ConfigChanged, FileNotFoundError, ValueError) as e:
+            return error(e, 2)
+        except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in error.log
+            traceback.print_exception(type(e), e, e.__traceback__, file=log)
+            print(f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (traceback in {workdir / 'error.log'})",
+                  file=sys.stderr)
+            return 1
+        finally:
+            if trainer is not None:
+                trainer.close()
     ev = summary.get("eval")
     print(f"done: {summary['step']} steps, wall time {summary['wall_s']:.0f} s (training {summary['train_wall_s']:.0f} s)")
     if ev:

@@ -20,7 +20,8 @@ Video listing (``tools/correspondence_inference.py`` of LM-EEC):
   exo->ego: source = the exo camera, target = aria (skipped if aria is not
   annotated for the object), so an ego target appears once per exo source;
 * frames = natural sort of (source camera's JPEG names) ∩ (target camera's
-  annotation keys); ``subsample_idx`` is ignored.
+  annotation keys); ``subsample_idx`` is ignored. ``frames="official"`` lists the
+  EvalAI samples instead (see :func:`list_take_videos`).
 
 Raw ``relations_<split>.json``: ``{"annotations": {take: {"take_name", "object_masks":
 {obj: {cam: {"annotation": {"<frame>": {"width", "height", "encodedMask"}},
@@ -187,11 +188,31 @@ class DataReport:
         return dataclasses.asdict(self)
 
 
+FRAME_LISTS = ("official", "reference")
+
+
+def _annotated_frames(ann: dict, obj: str, cam: str) -> Optional[set]:
+    """The frame names ``annotation["annotated_frames"][obj][cam]`` lists, or None."""
+    table = ann.get("annotated_frames")
+    listed = table.get(obj) if isinstance(table, dict) else None
+    listed = listed.get(cam) if isinstance(listed, dict) else None
+    return {str(f) for f in listed} if isinstance(listed, (list, tuple)) else None
+
+
 def list_take_videos(
-    split_dir, take: str, direction: str, annotation: Optional[dict] = None, report: Optional[DataReport] = None
+    split_dir, take: str, direction: str, annotation: Optional[dict] = None, report: Optional[DataReport] = None,
+    frames: str = "reference",
 ) -> List[VideoRecord]:
-    """Videos of one take for ``direction`` (see module docstring). Raises DataError."""
+    """Videos of one take for ``direction`` (see module docstring). Raises DataError.
+
+    ``frames``: ``"reference"`` (LM-EEC: source JPEGs ∩ the target's annotation keys) or
+    ``"official"`` (the EvalAI samples, without reading the target masks: source JPEGs ∩
+    the target's ``annotated_frames`` where the annotation lists them, else ∩ the source
+    GT keys); in both, frames without a source GT key stay in the list and are skipped.
+    """
     check_direction(direction)
+    if frames not in FRAME_LISTS:
+        raise ValueError(f"frames must be one of {FRAME_LISTS}, got {frames!r}")
     take_dir = os.path.join(split_dir, take)
     if not os.path.isdir(take_dir):
         raise DataError("take directory missing", path=take_dir, take=take)
@@ -217,12 +238,16 @@ def list_take_videos(
                     continue
             if src not in jpegs:
                 jpegs[src] = camera_frames(os.path.join(take_dir, src))
-            tgt_keys = set(annotated[tgt].keys())
-            frames = tuple(f for f in jpegs[src] if f in tgt_keys)
             src_keys = annotated.get(src) or {}
-            missing = tuple(f for f in frames if f not in src_keys)
-            rec = VideoRecord(take, src, tgt, obj, frames, direction, missing)
-            if not frames:
+            if frames == "reference":
+                keep = set(annotated[tgt].keys())
+            else:
+                keep = _annotated_frames(ann, obj, tgt)
+                keep = set(src_keys) if keep is None else keep
+            names = tuple(f for f in jpegs[src] if f in keep)
+            missing = tuple(f for f in names if f not in src_keys)
+            rec = VideoRecord(take, src, tgt, obj, names, direction, missing)
+            if not names:
                 if report is not None:
                     report.empty_videos.append(rec.key)
                 continue
@@ -284,14 +309,15 @@ def read_take_list(path) -> List[str]:
 
 
 def list_videos(
-    split_dir, direction: str, takes: Optional[Sequence[str]] = None, report: Optional[DataReport] = None
+    split_dir, direction: str, takes: Optional[Sequence[str]] = None, report: Optional[DataReport] = None,
+    frames: str = "reference",
 ) -> List[VideoRecord]:
-    """All videos of a split; a take that cannot be listed is skipped and reported
-    (into ``report`` if given, else the first error is raised)."""
+    """All videos of a split (``frames``: see :func:`list_take_videos`); a take that cannot
+    be listed is skipped and reported (into ``report`` if given, else the first error is raised)."""
     out = []
     for take in list_split_takes(split_dir, takes):
         try:
-            out.extend(list_take_videos(split_dir, take, direction, report=report))
+            out.extend(list_take_videos(split_dir, take, direction, report=report, frames=frames))
         except DataError as e:
             if report is None:
                 raise

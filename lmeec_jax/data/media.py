@@ -13,6 +13,7 @@ Bad input raises :class:`~lmeec_jax.data.errors.DataError` naming the file and t
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -76,8 +77,13 @@ def _video_file(path: str) -> FrameSequence:
     if n == 0:
         raise DataError("the video has no frames", path=path)
     state = {"it": None, "next": 0, "container": None}
+    lock = threading.Lock()
 
     def get(i: int) -> Image.Image:
+        with lock:
+            return _get(i)
+
+    def _get(i: int) -> Image.Image:
         if state["it"] is None or i < state["next"]:
             if state["container"] is not None:
                 state["container"].close()

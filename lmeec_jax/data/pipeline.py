@@ -84,7 +84,10 @@ class ClipSampler:
 
     Element ``i`` of this host's stream is global sample ``j`` (see the module docstring).
     Returns a dict: ``src_images``/``tgt_images`` float32 [T, S, S, 3], ``src_masks``/
-    ``tgt_masks`` uint8 [T, S, S], ``index`` (j), ``video``, ``start`` (ints).
+    ``tgt_masks`` uint8 [T, S, S], ``index`` (j), ``video``, ``start`` (ints), ``skipped`` (the
+    number of clips of other videos dropped for bad data before this one) and ``skip_error``
+    (the last such error, "" if none). Every read of a clip (annotation, frames, masks) raises
+    :class:`DataError` on bad data, which skips the video.
     """
 
     def __init__(self, split_dir: str, records: Sequence[VideoRecord], spec: ClipSpec, *, seed: int,
@@ -158,11 +161,19 @@ class ClipSampler:
                 return None
         return None
 
-    def _frame(self, path: str, size, **ctx):
+    @staticmethod
+    def _open(path: str, **ctx):
+        """``Image.open`` of a frame; a missing or unreadable file is a :class:`DataError`."""
         if not os.path.isfile(path):
             raise DataError("frame file missing", path=path, **ctx)
         try:
-            with Image.open(path) as im:
+            return Image.open(path)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"corrupt or unreadable image ({type(e).__name__}: {e})", path=path, **ctx) from e
+
+    def _frame(self, path: str, size, **ctx):
+        try:
+            with self._open(path, **ctx) as im:
                 if size is not None:
                     im.draft("RGB", size)  # JPEG: decode at a reduced DCT scale >= size
                 im = im.convert("RGB")
@@ -177,7 +188,8 @@ class ClipSampler:
         view = ViewMasks(ann, rec.take, rec.obj, cam, path=os.path.join(take_dir, ANNOTATION_FILE), same_size=False)
         size = None
         if self.spec.preresize:
-            with Image.open(os.path.join(take_dir, cam, frames[0] + ".jpg")) as im0:
+            with self._open(os.path.join(take_dir, cam, frames[0] + ".jpg"), take=rec.take, camera=cam,
+                            frame=frames[0]) as im0:
                 w, h = im0.size
             s = self.spec.preresize / max(w, h)
             size = (max(1, round(w * s)), max(1, round(h * s))) if s < 1 else None
@@ -186,7 +198,7 @@ class ClipSampler:
             ctx = dict(take=rec.take, camera=cam, frame=f)
             img = self._frame(os.path.join(take_dir, cam, f + ".jpg"), size, **ctx)
             hw = img.shape[:2]
-            m = view.get(f)
+            m = view.get(f)  # DataError on a bad mask
             if m is None:
                 m = np.zeros(hw, np.uint8)
             elif m.shape != hw:
@@ -211,15 +223,17 @@ class ClipSampler:
         rng = np.random.default_rng([self.seed, j])
         video = self.video_of(j)
         last_err = None
-        for _ in range(MAX_VIDEO_RETRIES):
+        for skipped in range(MAX_VIDEO_RETRIES):
             try:
                 start = self._sample_start(self.records[video], rng)
                 if start is not None:
                     clip = self.load(video, start, rng)
-                    clip.update(index=np.int64(j), video=np.int64(video), start=np.int64(start))
+                    # skipped: clips of bad videos read (and dropped) before this one
+                    clip.update(index=np.int64(j), video=np.int64(video), start=np.int64(start),
+                                skipped=np.int64(skipped), skip_error=np.str_(last_err or ""))
                     return clip
                 last_err = f"video {self.records[video].key}: no start frame with a visible source object"
-            except DataError as e:
+            except DataError as e:  # every frame / mask / annotation read of a clip ends here
                 last_err = str(e)
             if video not in self._warned:  # once per video and worker: the sampler meets it every epoch
                 self._warned.add(video)

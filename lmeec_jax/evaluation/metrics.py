@@ -57,7 +57,7 @@ import numpy as np
 from lmeec_jax.data.errors import DataError
 from lmeec_jax.data.rle import check_rle, decode_rle
 from lmeec_jax.evaluation.protocol import DIRECTIONS, EVAL_SIZE, TASK_KEYS, check_direction, is_ego_camera
-from lmeec_jax.io import read_json
+from lmeec_jax.io import decode_name, encode_name, read_json
 
 __all__ = [
     "EVAL_SIZE",
@@ -711,10 +711,11 @@ def load_lmeec_predictions(path: str, ctx: Optional[_Ctx] = None, direction: Opt
                 for pd in pair_dirs:
                     m = _PAIR_DIR.match(pd)
                     pair = f"{m['src']}_{m['tgt']}"
-                    for obj in sorted(os.listdir(os.path.join(tdir, pd))):
-                        odir = os.path.join(tdir, pd, obj)
-                        if not os.path.isdir(odir):
-                            continue
+                    for oname in sorted(os.listdir(os.path.join(tdir, pd))):
+                        odir = os.path.join(tdir, pd, oname)
+                        if oname.startswith(".") or not os.path.isdir(odir):
+                            continue  # dot-folders: unfinished writes (encoded names never start with a dot)
+                        obj = decode_name(oname)
                         for fn in sorted(os.listdir(odir), key=_frame_order):
                             if not fn.endswith(".json"):
                                 continue
@@ -824,6 +825,10 @@ def score_lmeec(gt: Any, pred: Any, direction: str) -> ScoreReport:
         from_dir = os.path.isdir(os.fspath(pred))
         preds = load_lmeec_predictions(os.fspath(pred), ctx, direction)
 
+    for take, p_objs in preds.items():  # long object names are hashed in folder names: match the GT's
+        encoded = {encode_name(o): o for o in gt_pairs.get(take, {})}
+        for name in [n for n in p_objs if n not in gt_pairs.get(take, {}) and n in encoded]:
+            p_objs[encoded[name]] = p_objs.pop(name)
     n_outside = 0
     for take, p_objs in preds.items():
         if take not in gt_pairs:

@@ -9,7 +9,7 @@
 Two frame sequences of equal length are paired frame by frame (image folders in natural-sort
 order of their names, video files, or sequences of images); the source masks give K objects
 (a PNG folder, or per frame an index mask / a [K, H, W] array / None). All K objects run in
-one batch (in lockstep groups of ``max_objects``), ``chunk`` frames per jitted call, with the
+one batch (padded to a power of two up to ``max_objects``), ``chunk`` frames per jitted call, with the
 fixed-size memory of the reference, so memory does not grow with the video. A source frame
 whose mask is missing or empty is skipped for that object as the reference skips it: no
 prediction (an empty mask, ``processed`` False), the memory untouched, the frame index
@@ -31,7 +31,7 @@ import numpy as np
 
 from lmeec_jax.data.errors import DataError
 from lmeec_jax.data.media import MaskFolder, open_frames
-from lmeec_jax.inference.runner import ChunkRunner, prefetch_executor
+from lmeec_jax.inference.runner import ChunkRunner, prefetch_executor, prefetched
 from lmeec_jax.inference.transforms import Transforms, logits_to_masks
 from lmeec_jax.models.load import load as load_model_spec
 from lmeec_jax.models.load import require_lmeec
@@ -51,6 +51,8 @@ class TrackFrame:
     visible: np.ndarray  # [K] bool: processed and object score > 0
     processed: np.ndarray  # [K] bool: the source mask of this frame was non-empty
     low_res_logits: np.ndarray  # [K, h, w] float32 (zeros where not processed)
+    src_image: Optional[object] = None  # the frames as read (PIL), with ``keep_images=True``
+    tgt_image: Optional[object] = None
 
 
 class _Masks:
@@ -141,21 +143,15 @@ class Predictor:
         K = self.chunk
         n = -(-T // K) * K
         pad = lambda x: np.concatenate([x, np.zeros((n - T,) + x.shape[1:], x.dtype)]) if n > T else x
-        src, tgt, masks, proc = pad(np.asarray(src_images)), pad(np.asarray(tgt_images)), pad(np.asarray(src_masks)), \
-            pad(np.asarray(processed))
-        state = self.runner.init_state(B)
-        lows, scores = [], []
-        for t0 in range(0, n, K):
-            sl = slice(t0, t0 + K)
-            state, low, sc, _ = self.runner.run(state, src[sl], tgt[sl], masks[sl], proc[sl], t0, T)
-            lows.append(low)
-            scores.append(sc)
-        return jnp.concatenate(lows)[:T], jnp.concatenate(scores)[:T]
+        arrays = [pad(np.asarray(x)) for x in (src_images, tgt_images, src_masks, processed)]
+        chunks = ((tuple(x[t0:t0 + K] for x in arrays), None) for t0 in range(0, n, K))
+        outs = list(self.runner.stream(B, chunks, T))
+        return jnp.concatenate([o[1] for o in outs])[:T], jnp.concatenate([o[2] for o in outs])[:T]
 
     # ------------------------------------------------------------------ your own videos
 
     def track(self, src_frames, tgt_frames, src_masks, *, object_ids: Optional[Sequence[int]] = None,
-              prefetch: bool = True) -> Iterator[TrackFrame]:
+              prefetch: bool = True, keep_images: bool = False) -> Iterator[TrackFrame]:
         """Track the objects of ``src_masks`` from the source frames into the target frames.
 
         ``src_frames``/``tgt_frames``: an image folder, a video file, or a sequence of uint8
@@ -163,6 +159,7 @@ class Predictor:
         named like the source frames (binary: object 1; index values 1..K: K objects), or a
         sequence with one entry per source frame: None, an int index mask [H, W], or a bool
         array [K, H, W]. ``object_ids``: which ids to track (default: all found).
+        ``keep_images``: also hand back the frames as read (for overlays).
         Yields one :class:`TrackFrame` per target frame, in order.
         """
         src, tgt = open_frames(src_frames), open_frames(tgt_frames)
@@ -171,52 +168,39 @@ class Predictor:
                             f"one to one", path=f"{src.source} / {tgt.source}")
         masks = _Masks(src_masks, src.names, object_ids)
         ids = masks.ids
-        groups = [list(range(i, min(i + self.max_objects, len(ids)))) for i in range(0, len(ids), self.max_objects)]
-        buckets = [_bucket(len(g), self.max_objects) for g in groups]
-        states = [self.runner.init_state(b) for b in buckets]
+        n_obj = len(ids)
+        B = n_obj if n_obj > self.max_objects else _bucket(n_obj, self.max_objects)
         T, K, S = len(src), self.chunk, self.image_size
-        n_chunks = max(1, math.ceil(T / K))
 
         def load(c: int):
-            idx = range(c * K, min((c + 1) * K, T))
+            idx = list(range(c * K, min((c + 1) * K, T)))
             si = np.zeros((K, S, S, 3), np.float32)
             ti = np.zeros((K, S, S, 3), np.float32)
-            m = np.zeros((K, len(ids), S, S), np.uint8)
-            p = np.zeros((K, len(ids)), bool)
-            tgt_hw = []
+            m = np.zeros((K, B, S, S), np.uint8)
+            p = np.zeros((K, B), bool)
+            tgt_hw, ims = [], []
             for k, i in enumerate(idx):
                 s_im, t_im = src.get(i), tgt.get(i)
+                ims.append((s_im, t_im) if keep_images else (None, None))
                 si[k], ti[k] = self.transforms.image(s_im), self.transforms.image(t_im)
                 tgt_hw.append((t_im.height, t_im.width))
                 for j, mk in enumerate(masks.get(i, (s_im.height, s_im.width))):
                     if mk is not None and mk.any():  # full-resolution emptiness decides
                         p[k, j] = True
                         m[k, j] = self.transforms.source_mask(mk)
-            return si, ti, m, p, list(idx), tgt_hw
+            return (si, ti, m, p), (idx, tgt_hw, ims, p)
 
-        ex = prefetch_executor() if prefetch else None
-        fut = ex.submit(load, 0) if ex is not None else None
-        for c in range(n_chunks):
-            si, ti, m, p, idx, tgt_hw = fut.result() if ex is not None else load(c)
-            if ex is not None and c + 1 < n_chunks:
-                fut = ex.submit(load, c + 1)
-            lows, scores = [], []
-            for gi, (g, b) in enumerate(zip(groups, buckets)):
-                gm = np.zeros((K, b, S, S), np.uint8)
-                gp = np.zeros((K, b), bool)
-                gm[:, :len(g)], gp[:, :len(g)] = m[:, g], p[:, g]
-                states[gi], low, sc, _ = self.runner.run(states[gi], si, ti, gm, gp, c * K, T)
-                lows.append(np.asarray(low)[:, :len(g)])
-                scores.append(np.asarray(sc)[:, :len(g)])
-            low = np.concatenate(lows, axis=1)
-            score = np.concatenate(scores, axis=1)
+        chunks = prefetched(load, max(1, math.ceil(T / K)), prefetch_executor() if prefetch else None)
+        for (idx, tgt_hw, ims, p), low, score, _ in self.runner.stream(B, chunks, T):
+            low, score = np.asarray(low)[:, :n_obj], np.asarray(score)[:, :n_obj]
             for k, i in enumerate(idx):
-                proc = p[k]
+                proc = p[k, :n_obj]
                 mk = np.asarray(logits_to_masks(low[k], tgt_hw[k])) & proc[:, None, None]
-                sc = np.where(proc, score[k], np.nan).astype(np.float32)
-                yield TrackFrame(index=i, name=tgt.names[i], object_ids=ids, masks=mk, object_scores=sc,
+                yield TrackFrame(index=i, name=tgt.names[i], object_ids=ids, masks=mk,
+                                 object_scores=np.where(proc, score[k], np.nan).astype(np.float32),
                                  visible=proc & (score[k] > 0), processed=proc.copy(),
-                                 low_res_logits=np.where(proc[:, None, None], low[k], 0).astype(np.float32))
+                                 low_res_logits=np.where(proc[:, None, None], low[k], 0).astype(np.float32),
+                                 src_image=ims[k][0], tgt_image=ims[k][1])
 
     # ------------------------------------------------------------------ EgoExo4D splits
 

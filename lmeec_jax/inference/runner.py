@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ OUT_SIZE = EVAL_SIZE  # side of the per-frame masks (the reference's image_size 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRECISIONS = ("highest", "default")
 
-__all__ = ["OUT_SIZE", "DTYPES", "PRECISIONS", "ChunkOut", "ChunkRunner", "prefetch_executor", "resolve_precision"]
+__all__ = ["OUT_SIZE", "DTYPES", "PRECISIONS", "ChunkOut", "ChunkRunner", "prefetch_executor", "prefetched", "resolve_precision"]
 
 _PREFETCH: Optional[cf.ThreadPoolExecutor] = None
 
@@ -127,11 +127,33 @@ class ChunkRunner:
                                               np.int32(t0), np.int32(num_frames))
         return state, low, scores, proc
 
+    def stream(self, batch: int, chunks: Iterable[tuple], num_frames: int) -> Iterator[tuple]:
+        """The one loop over a video's chunks, from a fresh memory of ``batch`` objects.
+
+        ``chunks`` yields ``((src, tgt, masks, processed), extra)`` per chunk of K frames
+        (every chunk padded to K; ``processed`` False on padding). Yields ``(extra, low-res
+        logits, object scores, processed)`` of chunk c (device arrays) once chunk c+1 has been
+        dispatched, so the host work on a chunk's outputs overlaps the device work on the next.
+        """
+        state = self.init_state(batch)
+        pending = None
+        for c, ((src, tgt, masks, proc), extra) in enumerate(chunks):
+            state, low, scores, p = self.run(state, src, tgt, masks, proc, c * len(proc), num_frames)
+            if pending is not None:
+                yield pending
+            pending = (extra, low, scores, p)
+        if pending is not None:
+            yield pending
+
     def step(self, state, src_images, tgt_images, src_masks, processed, t0: int, num_frames: int,
              official_hw: Tuple[int, int]):
         state, low, scores, proc = self.run(state, src_images, tgt_images, src_masks, processed, t0, num_frames)
-        return state, _postprocess(low, scores, proc, out_size=self.out_size,
-                                   official_hw=tuple(int(v) for v in official_hw))
+        return state, self.postprocess(low, scores, proc, official_hw)
+
+    def postprocess(self, low, scores, processed, official_hw: Tuple[int, int]) -> ChunkOut:
+        """Masks at OUT_SIZE² and at ``official_hw``, confidence = sigmoid(score) (device)."""
+        return _postprocess(low, scores, processed, out_size=self.out_size,
+                            official_hw=tuple(int(v) for v in official_hw))
 
 
 
@@ -142,3 +164,14 @@ def prefetch_executor() -> cf.ThreadPoolExecutor:
     if _PREFETCH is None:
         _PREFETCH = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeec-prefetch")
     return _PREFETCH
+
+
+def prefetched(load: Callable[[int], Any], n: int, executor: Optional[cf.Executor] = None) -> Iterator[Any]:
+    """``load(0) .. load(n - 1)``; with an ``executor`` (e.g. :func:`prefetch_executor`) each
+    next one is loaded in the background while the caller works on the current one."""
+    fut = executor.submit(load, 0) if executor is not None and n > 0 else None
+    for c in range(n):
+        item = fut.result() if executor is not None else load(c)
+        if executor is not None and c + 1 < n:
+            fut = executor.submit(load, c + 1)
+        yield item

@@ -44,11 +44,15 @@ What we add:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -57,11 +61,11 @@ from lmeec_jax.data import egoexo
 from lmeec_jax.data.egoexo import DataError, DataReport, VideoRecord
 from lmeec_jax.data.images import open_rgb
 from lmeec_jax.data.rle import encode_mask
-from lmeec_jax.evaluation.metrics import official_eval_shape
+from lmeec_jax.evaluation.metrics import lmeec_confidence, official_eval_shape
 from lmeec_jax.evaluation.protocol import TASK_KEYS
 from lmeec_jax.inference.transforms import Transforms
-from lmeec_jax.io import write_json_atomic
-from lmeec_jax.inference.runner import OUT_SIZE, ChunkOut, ChunkRunner, prefetch_executor
+from lmeec_jax.io import encode_name, read_json, write_json_atomic
+from lmeec_jax.inference.runner import OUT_SIZE, ChunkOut, ChunkRunner, prefetch_executor, prefetched
 
 DEFAULT_CHUNK = 8
 DEFAULT_MAX_OBJECTS = 8
@@ -79,6 +83,11 @@ __all__ = [
     "official_target_shape",
     "PredictSummary",
     "predict_split",
+    "RunMismatch",
+    "NothingToPredict",
+    "MergeError",
+    "merge_shards",
+    "parse_shard",
 ]
 
 
@@ -212,6 +221,7 @@ class ObjectPrediction:
     masks: Dict[str, dict] = dataclasses.field(default_factory=dict)  # frame -> RLE at OUT_SIZE (or official)
     official: Dict[str, dict] = dataclasses.field(default_factory=dict)  # frame -> RLE at the official shape
     confidence: Dict[str, float] = dataclasses.field(default_factory=dict)
+    area_confidence: Dict[str, int] = dataclasses.field(default_factory=dict)  # LM-EEC's area rule, 480² mask
     logits: Optional[Dict[str, np.ndarray]] = None  # frame -> low-res logits (keep_logits)
     error: Optional[DataError] = None
     n_skipped: int = 0  # frames not predicted (empty / missing source mask)
@@ -273,24 +283,18 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
                 o.official[f] = off
                 o.masks[f] = off if (same or frame_shape == "official") else _encode(m[k, j])
                 o.confidence[f] = float(conf[k, j])
+                o.area_confidence[f] = lmeec_confidence(m[k, j])
                 if keep_logits:
                     o.logits[f] = low[k, j].copy()
 
+    def load(c: int):
+        src, tgt, masks, processed, n = loader.load(c)
+        return (src, tgt, masks, processed), (c, n)
+
     try:
-        state = runner.init_state(B)
-        fut = executor.submit(loader.load, 0) if executor is not None else None
-        pending = None
-        for c in range(loader.num_chunks):
-            inputs = fut.result() if fut is not None else loader.load(c)
-            if c + 1 < loader.num_chunks:
-                fut = executor.submit(loader.load, c + 1) if executor is not None else None
-            src, tgt, masks, processed, n = inputs
-            state, out = runner.step(state, src, tgt, masks, processed, c * chunk, T, official_hw)
-            if pending is not None:
-                consume(*pending)  # the previous chunk, while this one runs
-            pending = (out, c, n)
-        if pending is not None:
-            consume(*pending)
+        chunks = prefetched(load, loader.num_chunks, executor)
+        for (c, n), low, scores, proc in runner.stream(B, chunks, T):
+            consume(runner.postprocess(low, scores, proc, official_hw), c, n)
     except DataError as e:
         res.error = e
     res.missing_src = loader.missing_src
@@ -355,12 +359,108 @@ def _take_skeleton(annotation: dict, direction: str) -> Dict[str, Dict[str, Tupl
 
 # ============================================================================ split
 
+PROTOCOLS = ("official", "lmeec")
+CONFIDENCES = ("score", "area")
+# protocol -> (frame list, confidence rule)
+CHAINS = {"official": ("official", "score"), "lmeec": ("reference", "area")}
+DONE_DIR = ".done"
+
+
+class RunMismatch(ValueError):
+    """The output folder holds a run made with other arguments or another checkpoint."""
+
+
+class NothingToPredict(ValueError):
+    """The split has no usable video (no takes, no aria camera, no annotated frames)."""
+
+
+class MergeError(ValueError):
+    def __init__(self, message: str, details: Sequence[str] = (), code: int = 1):
+        super().__init__(message)
+        self.details = list(details)
+        self.code = code
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_takes(take_names: Sequence[str], shard: Optional[Tuple[int, int]]) -> List[str]:
+    """Whole takes per shard: the i-th take of the split's (natural) order goes to shard i mod N."""
+    if shard is None:
+        return list(take_names)
+    i, n = shard
+    return [t for k, t in enumerate(take_names) if k % n == i]
+
+
+def done_dir(out_dir: str, direction: str) -> str:
+    return os.path.join(out_dir, DONE_DIR, direction)
+
+
+def done_path(out_dir: str, direction: str, keys: Sequence[str]) -> str:
+    """Completion record of one batch of videos (their keys):
+    ``<out>/.done/<direction>/<sha1 of the keys>.json`` = ``{"videos": [per-video record]}``."""
+    digest = hashlib.sha1("\n".join(keys).encode("utf-8")).hexdigest()[:20]
+    return os.path.join(done_dir(out_dir, direction), digest + ".json")
+
+
+def read_done_records(out_dir: str, direction: str) -> Dict[str, dict]:
+    """key -> completion record of every finished video in ``out_dir`` (unreadable records
+    are ignored: those videos are predicted again)."""
+    d = done_dir(out_dir, direction)
+    out: Dict[str, dict] = {}
+    if os.path.isdir(d):
+        for fn in sorted(os.listdir(d)):
+            if fn.endswith(".json") and fn != "run.json":
+                try:
+                    videos = read_json(os.path.join(d, fn)).get("videos")
+                except (DataError, AttributeError):
+                    continue
+                for rec in videos if isinstance(videos, list) else ():
+                    if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                        out[rec["key"]] = rec
+    return out
+
+
+def check_run_record(out_dir: str, direction: str, run: dict, overwrite: bool = False) -> None:
+    """Refuse (:class:`RunMismatch`) to resume into ``out_dir`` a run made with other
+    settings, unless ``overwrite`` (then its completion records are dropped); then
+    record ``run`` as this folder's settings."""
+    d = done_dir(out_dir, direction)
+    path = os.path.join(d, "run.json")
+    old = None
+    if os.path.isfile(path):
+        try:
+            old = read_json(path)
+        except DataError:
+            old = None
+    if old is not None and old != run and not overwrite:
+        diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in diff[:3])
+        raise RunMismatch(f"{out_dir} holds a {direction} run made with other settings ({shown}); "
+                          "pass --overwrite to predict it again, or another --out")
+    if overwrite and os.path.isdir(d):
+        for fn in os.listdir(d):
+            if fn.endswith(".json"):
+                os.remove(os.path.join(d, fn))
+    os.makedirs(d, exist_ok=True)
+    if old != run or overwrite:
+        write_json_atomic(path, run, sort_keys=True)
+
 
 @dataclasses.dataclass
 class PredictSummary:
     direction: str
     videos: int = 0  # videos listed
     videos_written: int = 0
+    videos_resumed: int = 0  # of the written ones: kept from an earlier run (completion record)
     videos_failed: List[dict] = dataclasses.field(default_factory=list)
     takes_failed: List[dict] = dataclasses.field(default_factory=list)
     frames: int = 0  # (video, frame) steps of the written videos, skipped frames included
@@ -372,10 +472,11 @@ class PredictSummary:
     compiled: List[tuple] = dataclasses.field(default_factory=list)
     official_path: Optional[str] = None
     empty_videos: List[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.videos_failed and not self.takes_failed
+        return not self.videos_failed and not self.takes_failed and not self.interrupted
 
     @property
     def fps(self) -> float:
@@ -392,6 +493,8 @@ class PredictSummary:
             f"{self.frames_skipped} skipped: empty/missing source mask) in {self.seconds:.1f} s: "
             f"{self.fps:.2f} frames/s (object-frames, compilation included; {len(self.compiled)} compiled shapes)",
         ]
+        if self.videos_resumed:
+            out.append(f"{self.videos_resumed} video(s) kept from an earlier run (completion records)")
         if self.missing_src_frames:
             out.append(f"{self.missing_src_frames} frame(s) had no source annotation (the reference crashes there); "
                        "they were skipped")
@@ -402,7 +505,10 @@ class PredictSummary:
             out.append(f"  take skipped: {p.get('take')}: {p['error']}")
         for p in self.videos_failed:
             out.append(f"  video skipped: {p.get('video')}: {p['error']}")
-        if self.ok:
+        if self.interrupted:
+            out.append(f"INTERRUPTED: {self.videos_written}/{self.videos} videos done; run the same command "
+                       "again to predict the rest")
+        elif self.ok:
             out.append("OK: nothing skipped")
         else:
             out.append(f"FAILED: {len(self.videos_failed)} video(s) and {len(self.takes_failed)} take(s) skipped "
@@ -410,16 +516,76 @@ class PredictSummary:
         return out
 
 
+def video_dir(out_dir: str, rec: VideoRecord) -> str:
+    """``<out>/<take>/<src>__<tgt>/<object>`` (the object name through :func:`encode_name`)."""
+    return os.path.join(out_dir, rec.take, rec.pair, encode_name(rec.obj))
+
+
 def write_video(out_dir: str, pred: ObjectPrediction) -> str:
     """``<out>/<take>/<src>__<tgt>/<object>/<frame>.json`` for each predicted frame (the
-    directory is created even if every frame was skipped, as the reference does)."""
-    rec = pred.record
-    vdir = os.path.join(out_dir, rec.take, rec.pair, rec.obj)
-    os.makedirs(vdir, exist_ok=True)
-    for f, rle in pred.masks.items():
-        with open(os.path.join(vdir, f + ".json"), "w") as fp:
-            json.dump(rle, fp)
+    directory is created even if every frame was skipped, as the reference does). The
+    files are written into a temporary sibling folder renamed into place, so a video's
+    folder is complete or absent (an older one is replaced)."""
+    vdir = video_dir(out_dir, pred.record)
+    parent, name = os.path.split(vdir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name[:40]}.{uuid.uuid4().hex[:12]}.tmp")
+    os.makedirs(tmp)
+    try:
+        for f, rle in pred.masks.items():
+            with open(os.path.join(tmp, f + ".json"), "w") as fp:
+                json.dump(rle, fp)
+        remove_video(out_dir, pred.record)
+        os.replace(tmp, vdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return vdir
+
+
+def sweep_unfinished(out_dir: str, direction: str, takes: Sequence[str]) -> None:
+    """Remove what a killed run left half-written: ``.<name>.<id>.tmp`` folders of
+    :func:`write_video` under ``takes`` and temporary files beside the completion records."""
+    folders = [done_dir(out_dir, direction)]
+    for take in takes:
+        tdir = os.path.join(out_dir, take)
+        if os.path.isdir(tdir):
+            folders += [os.path.join(tdir, d) for d in os.listdir(tdir) if os.path.isdir(os.path.join(tdir, d))]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def remove_video(out_dir: str, rec: VideoRecord) -> None:
+    """Drop a video's per-frame folder (stale files of an earlier run), and its camera-pair
+    and take folders if that leaves them empty."""
+    vdir = video_dir(out_dir, rec)
+    if os.path.isdir(vdir):
+        shutil.rmtree(vdir)
+        for folder in (os.path.dirname(vdir), os.path.join(out_dir, rec.take)):
+            with contextlib.suppress(OSError):  # not empty: kept
+                os.rmdir(folder)
+
+
+def _video_entries(pred: ObjectPrediction, confidence: str) -> Dict[str, dict]:
+    conf = pred.confidence if confidence == "score" else pred.area_confidence
+    return {f: {"pred_mask": rle, "confidence": conf[f]} for f, rle in pred.official.items()}
+
+
+def _no_video_reason(split_dir: str, take_names: Sequence[str], per_take, report: DataReport) -> str:
+    if not take_names:
+        return f"no takes in {split_dir} (expected <take>/annotation.json and <take>/<camera>/<frame>.jpg)"
+    if not per_take:
+        return f"no take of {split_dir} could be read ({len(take_names)} skipped: see above)"
+    if not any(any(egoexo.is_ego_camera(c) for c in egoexo.take_cameras(os.path.join(split_dir, t)))
+               for t, _, _ in per_take):
+        return f"no take of {split_dir} has an aria camera folder"
+    return (f"no video of {split_dir} has annotated frames ({len(report.empty_videos)} object/camera pair(s) "
+            "without a frame to predict)")
 
 
 def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk: int = DEFAULT_CHUNK,
@@ -427,32 +593,50 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
                   takes: Optional[Sequence[str]] = None,
                   official_shape_frames: bool = False, dtype: str = "float32", progress: bool = True,
                   runner: Optional[ChunkRunner] = None, log: Callable[[str], None] = print,
-                  prefetch: bool = True) -> PredictSummary:
+                  prefetch: bool = True, frames: str = "official", confidence: str = "score",
+                  shard: Optional[Tuple[int, int]] = None, run: Optional[dict] = None,
+                  overwrite: bool = False) -> PredictSummary:
     """Predict every video of ``split_dir`` for ``direction`` and write the per-frame JSONs
-    and ``out_dir/predictions_<direction>.json``. Returns the summary (see ``.ok``)."""
+    and ``out_dir/predictions_<direction>.json``. Returns the summary (see ``.ok``).
+
+    ``frames``: the videos' frame lists (:func:`lmeec_jax.data.egoexo.list_take_videos`);
+    ``confidence``: ``"score"`` (sigmoid of the object score) or ``"area"`` (LM-EEC's
+    ``int(area > 0.1%)`` of the 480² mask) in the official JSON. ``shard`` = (I, N): only
+    the takes of shard I. Each video is committed with a completion record under
+    ``out_dir/.done/<direction>/``; a finished video is not predicted again. ``run``
+    (settings + checkpoint fingerprint) is checked against the folder's run record
+    (:class:`RunMismatch` unless ``overwrite``). Raises :class:`NothingToPredict` when the
+    split has no usable video. On KeyboardInterrupt the report is written (``interrupted``)
+    and the interrupt is raised again.
+    """
     egoexo.check_direction(direction)
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
+    if frames not in egoexo.FRAME_LISTS:
+        raise ValueError(f"frames must be one of {egoexo.FRAME_LISTS}, got {frames!r}")
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
     if buckets:
         buckets = sorted(set(int(b) for b in buckets))
         if buckets[0] < 1 or buckets[-1] < max_objects:
             raise ValueError(f"batch buckets {buckets} must be >= 1 and reach max_objects={max_objects}")
     split_dir = os.fspath(split_dir)
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    runner = runner if runner is not None else ChunkRunner(model, dtype)
+    if not os.path.isdir(split_dir):
+        raise DataError("not a directory", path=split_dir)
+    run = dict(run or {})
+    run.update(direction=direction, frames=frames, confidence=confidence, official_shape=bool(official_shape_frames))
     summary = PredictSummary(direction)
     report = DataReport()
     t_start = time.perf_counter()
 
-    take_names = egoexo.list_split_takes(split_dir, takes)
-    results: Dict[str, Any] = {}
+    take_names = shard_takes(egoexo.list_split_takes(split_dir, takes), shard)
     # listing (per take, so one bad annotation costs one take)
     per_take: List[Tuple[str, dict, List[VideoRecord]]] = []
     for take in take_names:
         try:
             ann = egoexo.load_annotation(os.path.join(split_dir, take), take)
-            recs = egoexo.list_take_videos(split_dir, take, direction, annotation=ann, report=report)
+            recs = egoexo.list_take_videos(split_dir, take, direction, annotation=ann, report=report, frames=frames)
         except DataError as e:
             report.add(e, take=take)
             summary.takes_failed.append({"take": take, "error": str(e)})
@@ -460,7 +644,26 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
         per_take.append((take, ann, recs))
     summary.videos = sum(len(r) for _, _, r in per_take)
     summary.empty_videos = list(report.empty_videos)
+    if summary.videos == 0 and shard is None:
+        for p in summary.takes_failed:
+            log(f"  take skipped: {p.get('take')}: {p['error']}")
+        raise NothingToPredict(_no_video_reason(split_dir, take_names, per_take, report))
 
+    os.makedirs(out_dir, exist_ok=True)
+    check_run_record(out_dir, direction, run, overwrite)
+    sweep_unfinished(out_dir, direction, [t for t, _, _ in per_take])
+    runner = runner if runner is not None else ChunkRunner(model, dtype)
+    run["precision"] = run.get("precision") or getattr(runner, "precision", None)
+
+    def write_report():
+        summary.seconds = time.perf_counter() - t_start
+        summary.compiled = sorted(runner.compiled)
+        write_json_atomic(os.path.join(out_dir, f"predict_report_{direction}.json"),
+                          {"summary": summary.to_json(), "run": dict(run, shard=list(shard) if shard else None),
+                           "data_report": report.to_json()})
+
+    results: Dict[str, Any] = {}
+    finished = read_done_records(out_dir, direction)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -470,60 +673,14 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     executor = prefetch_executor() if prefetch else None
     try:
         for take, ann, recs in per_take:
-            skeleton = _take_skeleton(ann, direction)
-            shapes: Dict[str, Tuple[int, int]] = {}
-
-            def shape_of(cam):
-                if cam not in shapes:
-                    shapes[cam] = official_target_shape(split_dir, take, ann, cam)
-                return shapes[cam]
-
-            preds: Dict[Tuple[str, str], ObjectPrediction] = {}  # (obj, "<src>_<tgt>") -> prediction
-            for batch in group_videos(recs, max_objects):
-                B = bucket_size(len(batch.records), max_objects, buckets)
-                res = run_batch(runner, split_dir, batch, ann, chunk=chunk, bucket=B,
-                                official_hw=shape_of(batch.tgt_cam),
-                                frame_shape="official" if official_shape_frames else "square",
-                                executor=executor, prefetch=prefetch)
-                summary.missing_src_frames += res.missing_src
-                for o in res.objects:
-                    err = res.error or o.error
-                    if err is not None:
-                        entry = {"video": o.record.key, "take": take, "error": str(err)}
-                        if isinstance(err, DataError):
-                            entry.update(camera=err.camera, frame=err.frame, path=err.path)
-                        summary.videos_failed.append(entry)
-                        report.add(err, take=take, video=o.record.key)
-                        say(f"skipping video {o.record.key}: {err}")
-                        continue
-                    write_video(out_dir, o)
-                    preds[(o.record.obj, f"{o.record.src_cam}_{o.record.tgt_cam}")] = o
-                    summary.videos_written += 1
-                    summary.frames += len(batch.frames)
-                    summary.frames_predicted += len(o.masks)
-                    summary.frames_skipped += o.n_skipped
-                if bar is not None:
-                    bar.update(len(batch.records))
-            # official entry of this take
-            masks_out: Dict[str, Any] = {}
-            empty_cache: Dict[Tuple[int, int], dict] = {}
-            for obj, pairs in skeleton.items():
-                mo: Dict[str, Any] = {}
-                masks_out[obj] = mo
-                for pair, (src, tgt, src_frames) in pairs.items():
-                    hw = shape_of(tgt)
-                    p = preds.get((obj, pair))
-                    fr: Dict[str, Any] = {}
-                    for f in src_frames:
-                        if p is not None and f in p.official:
-                            fr[f] = {"pred_mask": p.official[f], "confidence": p.confidence[f]}
-                        else:
-                            if hw not in empty_cache:
-                                empty_cache[hw] = encode_mask(np.zeros(hw, np.uint8))
-                            fr[f] = {"pred_mask": empty_cache[hw], "confidence": 0.0}
-                            summary.official_filled += 1
-                    mo[pair] = fr
-            results[take] = {"masks": masks_out, "subsample_idx": list(ann.get("subsample_idx") or [])}
+            results[take] = _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summary, report,
+                                          finished, say=say, bar=bar, chunk=chunk, max_objects=max_objects, buckets=buckets,
+                                          official_shape_frames=official_shape_frames, confidence=confidence,
+                                          executor=executor, prefetch=prefetch)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        write_report()
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -532,8 +689,132 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     path = os.path.join(out_dir, f"predictions_{direction}.json")
     write_json_atomic(path, official)
     summary.official_path = path
-    summary.seconds = time.perf_counter() - t_start
-    summary.compiled = sorted(runner.compiled)
-    write_json_atomic(os.path.join(out_dir, f"predict_report_{direction}.json"),
-                {"summary": summary.to_json(), "data_report": report.to_json()})
+    write_report()
     return summary
+
+
+def _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summary, report, finished, *, say, bar, chunk,
+                  max_objects, buckets, official_shape_frames, confidence, executor, prefetch) -> dict:
+    """Predict (or take from completion records) the videos of one take; its official entry."""
+    shapes: Dict[str, Tuple[int, int]] = {}
+
+    def shape_of(cam):
+        if cam not in shapes:
+            shapes[cam] = official_target_shape(split_dir, take, ann, cam)
+        return shapes[cam]
+
+    entries: Dict[Tuple[str, str], Dict[str, dict]] = {}  # (obj, "<src>_<tgt>") -> frame -> official entry
+
+    def count(done: dict):
+        summary.videos_written += 1
+        summary.frames += done["frames"]
+        summary.frames_predicted += done["predicted"]
+        summary.frames_skipped += done["skipped"]
+        summary.missing_src_frames += done["missing_src"]
+        entries[(done["obj"], done["pair"])] = done["official"]
+
+    for batch in group_videos(recs, max_objects):
+        kept = [finished.get(r.key) for r in batch.records]
+        if all(k is not None for k in kept):
+            for done in kept:
+                count(done)
+            summary.videos_resumed += len(kept)
+            if bar is not None:
+                bar.update(len(batch.records))
+            continue
+        B = bucket_size(len(batch.records), max_objects, buckets)
+        res = run_batch(runner, split_dir, batch, ann, chunk=chunk, bucket=B,
+                        official_hw=shape_of(batch.tgt_cam),
+                        frame_shape="official" if official_shape_frames else "square",
+                        executor=executor, prefetch=prefetch)
+        committed: List[dict] = []
+        for o in res.objects:
+            err = res.error or o.error
+            rec = o.record
+            if err is not None:
+                entry = {"video": rec.key, "take": take, "error": str(err)}
+                if isinstance(err, DataError):
+                    entry.update(camera=err.camera, frame=err.frame, path=err.path)
+                summary.videos_failed.append(entry)
+                report.add(err, take=take, video=rec.key)
+                say(f"skipping video {rec.key}: {err}")
+                remove_video(out_dir, rec)  # stale files of an earlier run
+                continue
+            write_video(out_dir, o)
+            committed.append({"key": rec.key, "take": take, "obj": rec.obj, "pair": f"{rec.src_cam}_{rec.tgt_cam}",
+                              "frames": len(batch.frames), "predicted": len(o.masks), "skipped": o.n_skipped,
+                              "missing_src": len(rec.src_missing), "official": _video_entries(o, confidence)})
+        if committed:  # the batch's commit: one record, written after its folders
+            write_json_atomic(done_path(out_dir, direction, [r.key for r in batch.records]), {"videos": committed})
+            for done in json.loads(json.dumps(committed)):  # what a resumed run reads back
+                count(done)
+        if bar is not None:
+            bar.update(len(batch.records))
+    # official entry of this take
+    masks_out: Dict[str, Any] = {}
+    empty_cache: Dict[Tuple[int, int], dict] = {}
+    for obj, pairs in _take_skeleton(ann, direction).items():
+        mo: Dict[str, Any] = {}
+        masks_out[obj] = mo
+        for pair, (src, tgt, src_frames) in pairs.items():
+            hw = shape_of(tgt)
+            p = entries.get((obj, pair)) or {}
+            fr: Dict[str, Any] = {}
+            for f in src_frames:
+                if f in p:
+                    fr[f] = p[f]
+                else:
+                    if hw not in empty_cache:
+                        empty_cache[hw] = encode_mask(np.zeros(hw, np.uint8))
+                    fr[f] = {"pred_mask": empty_cache[hw], "confidence": 0.0}
+                    summary.official_filled += 1
+            mo[pair] = fr
+    return {"masks": masks_out, "subsample_idx": list(ann.get("subsample_idx") or [])}
+
+
+# ============================================================================ merging shards
+
+
+def merge_shards(split_dir: str, direction: str, shard_dirs: Sequence[str], out_path: str) -> Tuple[int, int]:
+    """Merge the official JSONs of ``eval predict --shard`` output folders into ``out_path``
+    (takes in the split's order); :class:`MergeError` names missing videos or shards."""
+    egoexo.check_direction(direction)
+    if not os.path.isdir(split_dir):
+        raise DataError("not a directory", path=split_dir)
+    task = TASK_KEYS[direction]
+    runs, results, done = [], {}, {}
+    for d in shard_dirs:
+        sub = os.path.join(d, f"predictions_{direction}.json")
+        rp = os.path.join(done_dir(d, direction), "run.json")
+        if not os.path.isfile(sub) or not os.path.isfile(rp):
+            raise MergeError(f"{d} has no finished {direction} prediction ({sub}); run or resume its eval predict")
+        r = read_json(rp)
+        runs.append((d, r))
+        data = read_json(sub)
+        for take, entry in data[task]["results"].items():
+            if take in results:
+                raise MergeError(f"take {take} is in two shards (the second: {d}); merge each shard once", code=2)
+            results[take] = entry
+        done.update(read_done_records(d, direction))
+    diff = [d for d, r in runs if r != runs[0][1]]
+    if diff:
+        raise MergeError(f"{diff[0]} was predicted with other settings than {runs[0][0]} (see .done/{direction}/run.json)",
+                         code=2)
+    frames = runs[0][1].get("frames", "reference")
+    take_names = egoexo.list_split_takes(split_dir)
+    expected = []
+    for take in take_names:
+        try:
+            expected += [r.key for r in egoexo.list_take_videos(split_dir, take, direction, frames=frames)]
+        except DataError as e:
+            expected.append(f"{take} (take not readable: {e})")
+    missing = [k for k in expected if k not in done]
+    if missing:
+        raise MergeError(f"{len(missing)} of {len(expected)} videos have no completion record in the shards; "
+                         "nothing written", details=[f"missing: {k}" for k in missing])
+    order = {t: i for i, t in enumerate(take_names)}
+    merged = {t: results[t] for t in sorted(results, key=lambda t: (order.get(t, len(order)), t))}
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(out_path, {task: {"version": "xx", "challenge": "xx", "results": merged}})
+    return len(merged), len(expected)

@@ -38,6 +38,9 @@ __all__ = [
     "RuntimeSection",
     "Config",
     "ConfigError",
+    "validate",
+    "RECIPE_KEYS",
+    "recipe_changes",
     "from_dict",
     "to_dict",
     "parse_override",
@@ -58,7 +61,11 @@ _SYNTH = SynthConfig()  # the synthetic scene knobs' defaults (one source: lmeec
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config; ``problems`` holds one line per problem (``str`` joins them with newlines)."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ class TrainSection:
     log_data: bool = False  # write each step's clip ids to metrics.jsonl
     fail_on_nonfinite: bool = True  # stop at a NaN/inf loss (keeping the last good checkpoint)
     debug_nan_step: Optional[int] = None  # testing: feed NaN images at this step (0-based)
+    max_skip_rate: float = 0.2  # stop when more than this fraction of the clips read was skipped (bad data)
+    skip_min_clips: int = 20  # ... once at least this many clips were read
 
 
 @dataclass(frozen=True)
@@ -361,8 +370,9 @@ def resolve_config(name_or_path=None) -> Path:
                       f"(available: {', '.join(config_names())})")
 
 
-def load_config(path=None, overrides=()) -> Config:
-    """Read a YAML config (a name or a path; default ``synthetic_tiny``) and apply overrides."""
+def load_config(path=None, overrides=(), *, check_paths: bool = False) -> Config:
+    """Read a YAML config (a name or a path; default ``synthetic_tiny``), apply overrides and
+    :func:`validate` it (``check_paths``: also that the input paths exist)."""
     path = resolve_config(path)
     try:
         raw = OmegaConf.load(path)
@@ -372,7 +382,9 @@ def load_config(path=None, overrides=()) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = OmegaConf.to_container(raw)
     raw.setdefault("name", path.stem)
-    return _to_object(_resolve(Config, raw, overrides, str(path)), str(path))
+    cfg = _to_object(_resolve(Config, raw, overrides, str(path)), str(path))
+    validate(cfg, check_paths=check_paths)
+    return cfg
 
 
 def config_yaml(cfg: Config) -> str:
@@ -382,3 +394,163 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path) -> None:
     Path(path).write_text(config_yaml(cfg))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+DTYPES = ("float32", "bfloat16")
+# what a resumed run must share with the run that wrote the checkpoint (sections, or section.key)
+RECIPE_KEYS = ("model", "optim", "loss", "train.batch_size", "train.epochs", "train.steps", "train.seed")
+
+
+def _unknown_keys(given: dict, cls, prefix: str, problems: list) -> None:
+    """Keys of the free-form dict ``given`` that are not fields of dataclass ``cls`` (nested
+    dataclass fields are checked in turn)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k, v in given.items():
+        key = f"{prefix}.{k}"
+        if k not in fields:
+            problems.append(f"unknown config key {key} (not a {cls.__name__} field; known: {', '.join(fields)})")
+        elif dataclasses.is_dataclass(hints[k]):
+            if isinstance(v, dict):
+                _unknown_keys(v, hints[k], key, problems)
+            else:
+                problems.append(f"{key}: expected a mapping of {hints[k].__name__} fields, got {v!r}")
+
+
+def validate(cfg: Config, *, check_paths: bool = False) -> Config:
+    """Check every value's range and the keys of the free-form dict fields; raises one
+    :class:`ConfigError` listing all problems (one line each). ``check_paths``: the paths that
+    must exist do (``model.init_from``, ``data.*`` when the synthetic data are off)."""
+    from lmeec_jax.data.transforms import AugmentConfig
+    from lmeec_jax.models.config import ALIASES, CONFIGS, ModelConfig
+
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            value = cfg
+            for p in key.split("."):
+                value = getattr(value, p)
+            problems.append(f"{key}: {value!r} is invalid ({rule})")
+
+    def at_least(key: str, low, optional: bool = False) -> None:
+        value = cfg
+        for p in key.split("."):
+            value = getattr(value, p)
+        if value is None and optional:
+            return
+        need(value is not None and value >= low, key, f"must be >= {low}" + (" or null" if optional else ""))
+
+    def unit(key: str, optional: bool = False) -> None:
+        value = cfg
+        for p in key.split("."):
+            value = getattr(value, p)
+        if value is None and optional:
+            return
+        need(value is not None and 0.0 <= value <= 1.0, key, "a probability: must be in [0, 1]")
+
+    m, d, sc, o, lo = cfg.model, cfg.data, cfg.data.synthetic, cfg.optim, cfg.loss
+    # model
+    need(m.name in CONFIGS or m.name in ALIASES, "model.name", f"one of {', '.join(sorted(CONFIGS) + sorted(ALIASES))}")
+    need(m.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}")
+    unit("model.drop_path_rate", optional=True)
+    _unknown_keys(m.overrides, ModelConfig, "model.overrides", problems)
+    if "image_size" in m.overrides and not (isinstance(m.overrides["image_size"], int) and m.overrides["image_size"] >= 16):
+        problems.append(f"model.overrides.image_size: {m.overrides['image_size']!r} is invalid (an integer >= 16)")
+    # data
+    at_least("data.num_frames", 2)
+    at_least("data.multiplier", 1)
+    at_least("data.workers", 0)
+    at_least("data.worker_buffer", 1)
+    at_least("data.threads", 1)
+    at_least("data.prefetch", 1)
+    at_least("data.preresize", 1, optional=True)
+    at_least("data.max_videos", 1, optional=True)
+    _unknown_keys(d.augment, AugmentConfig, "data.augment", problems)
+    for k in ("hflip_p", "grayscale_p"):
+        v = d.augment.get(k)
+        if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+            problems.append(f"data.augment.{k}: {v!r} is invalid (a probability: must be in [0, 1])")
+    at_least("data.synthetic.train_takes", 1)
+    at_least("data.synthetic.val_takes", 0)
+    at_least("data.synthetic.n_frames", 1)
+    at_least("data.synthetic.workers", 1, optional=True)
+    unit("data.synthetic.p_lookalike")
+    unit("data.synthetic.p_small")
+    need(sc.object_scale > 0, "data.synthetic.object_scale", "must be > 0")
+    need(len(sc.exo_distance) == 2 and 0 < sc.exo_distance[0] <= sc.exo_distance[1], "data.synthetic.exo_distance",
+         "[near, far] with 0 < near <= far")
+    # optimiser and loss
+    for k in ("base_lr", "vision_lr", "weight_decay"):
+        at_least(f"optim.{k}", 0.0)
+    for k in ("base_lr_end", "vision_lr_end", "layer_decay_min"):
+        at_least(f"optim.{k}", 0.0, optional=True)
+    need(o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1] or null")
+    need(0.0 <= o.b1 < 1.0, "optim.b1", "must be in [0, 1)")
+    need(0.0 <= o.b2 < 1.0, "optim.b2", "must be in [0, 1)")
+    need(o.eps > 0, "optim.eps", "must be > 0")
+    need(o.clip_max_norm is None or o.clip_max_norm > 0, "optim.clip_max_norm", "must be > 0 or null")
+    for k in ("weight_mask", "weight_dice", "weight_iou", "weight_class", "focal_gamma", "focal_gamma_obj_score"):
+        at_least(f"loss.{k}", 0.0)
+    for k in ("focal_alpha", "focal_alpha_obj_score"):  # a negative alpha switches the weighting off
+        v = getattr(lo, k)
+        need(v < 0 or v <= 1.0, f"loss.{k}", "must be in [0, 1] (or negative: no alpha weighting)")
+    # train, eval, runtime
+    at_least("train.batch_size", 1)
+    at_least("train.epochs", 1)
+    at_least("train.steps", 1, optional=True)
+    at_least("train.log_every", 1)
+    at_least("train.ckpt_every", 0)
+    at_least("train.keep", 1)
+    at_least("train.debug_nan_step", 0, optional=True)
+    unit("train.max_skip_rate")
+    at_least("train.skip_min_clips", 1)
+    at_least("eval.every", 0)
+    at_least("eval.max_videos", 1, optional=True)
+    at_least("eval.chunk", 1)
+    at_least("eval.overlays", 0)
+    at_least("runtime.num_devices", 1, optional=True)
+    if check_paths:
+        if m.init_from and not Path(m.init_from).expanduser().is_dir():
+            problems.append(f"model.init_from: {m.init_from}: no such model directory")
+        if d.train_dir is None and not sc.enabled:
+            problems.append("data.train_dir: not set (set it, or enable data.synthetic)")
+        for k in ("train_dir", "val_dir"):
+            v = getattr(d, k)
+            if v and not Path(v).expanduser().is_dir():
+                problems.append(f"data.{k}: {v}: no such directory")
+        if d.takes_file and not Path(d.takes_file).expanduser().is_file():
+            problems.append(f"data.takes_file: {d.takes_file}: no such file")
+        if sc.enabled and sc.dir and Path(sc.dir).exists() and not Path(sc.dir).is_dir():
+            problems.append(f"data.synthetic.dir: {sc.dir}: not a directory")
+    if problems:
+        raise ConfigError(*problems)
+    return cfg
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    if not d and prefix:
+        out[prefix] = {}
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """``"key: old -> new"`` for every :data:`RECIPE_KEYS` value that differs between two
+    config dicts (``to_dict`` form, e.g. a saved ``config.yaml`` and a new run's config)."""
+    a, b = _flat(old), _flat(new)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if not any(key == r or key.startswith(r + ".") for r in RECIPE_KEYS):
+            continue
+        va, vb = a.get(key, "(unset)"), b.get(key, "(unset)")
+        if va != vb:
+            changes.append(f"{key}: {va!r} -> {vb!r}")
+    return changes

@@ -9,6 +9,14 @@ resumed run draws the same masks as an uninterrupted one.
 The global batch (``batch_size`` clips per device) is split over the ``data`` axis; the loss
 is computed once over the global batch (``num_objects`` = global clip count), which gives
 the reference's DDP gradients.
+
+Faults end training with one-line exceptions (the CLI maps them to exit statuses):
+:class:`ConfigChanged` (resuming a workdir whose ``config.yaml`` has another model or recipe,
+unless ``resume_changed``), :class:`~lmeec_jax.training.checkpointing.CheckpointError` (a save
+that failed, also in the background, or no readable checkpoint), :class:`DataFault` (the
+training data: too many clips skipped for bad data, or none loadable), :class:`Interrupted`
+(SIGINT/SIGTERM, through :class:`StopRequest`: the loop saves a checkpoint of the current step
+between two steps and stops) and :class:`NonFiniteLoss`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmeec_jax.models import checkpoint as model_ckpt
-from lmeec_jax.training.checkpointing import Checkpointer, abstract_like
+from lmeec_jax.training.checkpointing import CheckpointError, Checkpointer, error_line, abstract_like
 from lmeec_jax.models.config import get_config
 from lmeec_jax.data import egoexo
 from lmeec_jax.data.pipeline import ClipSpec, make_iterator, make_train_dataset, steps_per_epoch
@@ -38,10 +48,11 @@ from lmeec_jax.training.losses import multistep_multimask_loss
 from lmeec_jax.training import forward as LT
 from lmeec_jax.models.sam2 import build_model
 from lmeec_jax.training.optim import cosine_schedule, make_optimizer, param_names
-from lmeec_jax.training.config import Config, save_config, to_dict
+from lmeec_jax.training.config import Config, config_yaml, recipe_changes, to_dict
 from lmeec_jax.models.weights import load_state_dict
 
-__all__ = ["Trainer", "NonFiniteLoss", "setup_runtime", "make_mesh", "make_train_step", "build_train_model",
+__all__ = ["Trainer", "NonFiniteLoss", "ConfigChanged", "DataFault", "Interrupted", "StopRequest", "setup_runtime",
+           "make_mesh", "make_train_step", "build_train_model",
            "prepare_synthetic", "local_copy"]
 
 BATCH_KEYS = ("src_images", "tgt_images", "src_masks", "tgt_masks")
@@ -49,6 +60,57 @@ BATCH_KEYS = ("src_images", "tgt_images", "src_masks", "tgt_masks")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class ConfigChanged(ValueError):
+    """Resuming a workdir whose saved config has another model or recipe."""
+
+
+class DataFault(RuntimeError):
+    """The training data cannot feed the run (too many bad clips, or none loadable)."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT / SIGTERM: training stopped (message: the checkpoint saved, or why none)."""
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handlers that only set a flag, which the training loop checks between
+    steps (so a signal that arrives during a compiled call or in a garbage-collector callback
+    is never lost or swallowed). A second signal exits at once (status 130)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    @property
+    def name(self) -> Optional[str]:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            print(f"error: second {signal.Signals(signum).name}: exiting without waiting for the checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.signum = signum
+
+    def install(self) -> "StopRequest":
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
 
 
 def local_copy(tree):
@@ -178,14 +240,24 @@ class Trainer:
     "never" (start fresh; existing checkpoints of later steps are left alone).
     """
 
-    def __init__(self, cfg: Config, workdir, *, resume: str = "auto", log: Callable = print):
+    def __init__(self, cfg: Config, workdir, *, resume: str = "auto", log: Callable = print,
+                 resume_changed: bool = False, stop: Optional[StopRequest] = None):
         if resume not in ("auto", "required", "never"):
             raise ValueError(f"resume must be auto/required/never, not {resume!r}")
         self.t_start = time.time()
         self.cfg = cfg
         self.log = log
+        self.stop = stop
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+
+        # ---- checkpoints, and the saved config of the run to resume (before any work)
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep,
+                                 async_save=cfg.train.async_checkpointing)
+        latest = self.ckpt.latest_step() if resume != "never" else None
+        if resume == "required" and latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.workdir / 'checkpoints'}")
+        self._check_saved_config(latest, resume_changed)
         setup_runtime(cfg.runtime)
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(cfg.runtime.num_devices)
@@ -201,6 +273,7 @@ class Trainer:
                 raise ValueError("data.train_dir is not set (or enable data.synthetic)")
             train_dir, syn_val = prepare_synthetic(cfg, self.workdir, log)
             val_dir = val_dir or syn_val
+            self._check_stop("while generating the synthetic data")
         self.train_dir, self.val_dir = train_dir, val_dir
         takes = egoexo.read_take_list(dc.takes_file) if dc.takes_file else None
         self.records = egoexo.list_train_videos(train_dir, dc.num_frames, takes)
@@ -245,19 +318,17 @@ class Trainer:
         self.data_iter = make_iterator(self.dataset, workers=dc.workers, worker_buffer=dc.worker_buffer,
                                        threads=dc.threads, prefetch=dc.prefetch)
 
-        # ---- checkpoints
-        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep,
-                                 async_save=cfg.train.async_checkpointing)
-        latest = self.ckpt.latest_step() if resume != "never" else None
-        if resume == "required" and latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.workdir / 'checkpoints'}")
+        # ---- resume (the newest readable checkpoint)
         self.resumed_from = None
         if latest is not None:
-            self.state = self.ckpt.restore(latest, abstract_like(self.state), self.data_iter)
-            self.resumed_from = latest
-            log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
+            latest, state = self.ckpt.restore_latest(abstract_like(self.state), self.data_iter, log)
+            if latest is not None:
+                self.state = state
+                self.resumed_from = latest
+                log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
         if self.is_main:
-            save_config(cfg, self.workdir / "config.yaml")
+            self._write_config()
+        self.skipped = self.clips_read = 0
         self.validator = None
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.schedules = {"lr": cosine_schedule(cfg.optim.base_lr, cfg.optim.base_end, self.total_steps),
@@ -267,6 +338,86 @@ class Trainer:
             f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f} M params")
 
     # ------------------------------------------------------------------ helpers
+    def _check_saved_config(self, latest: Optional[int], resume_changed: bool) -> None:
+        """Resuming (a checkpoint is there) with another model / recipe than the saved
+        ``config.yaml``: :class:`ConfigChanged`, unless ``resume_changed``."""
+        path = self.workdir / "config.yaml"
+        if latest is None or not path.is_file():
+            return
+        import yaml
+
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigChanged(f"{path}: the saved config of the run to resume cannot be read "
+                                f"({error_line(e)}); pass --fresh or another --workdir") from None
+        changes = recipe_changes(old, to_dict(self.cfg))
+        if changes and not resume_changed:
+            raise ConfigChanged(f"{path}: resuming step {latest} with a changed config: {'; '.join(changes)} "
+                                f"(pass --resume-changed to resume anyway, --fresh to start over, or another --workdir)")
+        if changes:
+            self.log(f"resuming step {latest} with a changed config: {'; '.join(changes)}")
+
+    def _write_config(self) -> None:
+        """``<workdir>/config.yaml``; a different one already there is kept as ``config.<time>.yaml``."""
+        path = self.workdir / "config.yaml"
+        text = config_yaml(self.cfg)
+        if path.is_file() and path.read_text() != text:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            backup, n = self.workdir / f"config.{stamp}.yaml", 1
+            while backup.exists():
+                backup, n = self.workdir / f"config.{stamp}-{n}.yaml", n + 1
+            os.replace(path, backup)
+            self.log(f"the previous {path.name} is kept as {backup}")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def _check_stop(self, where: str) -> None:
+        if self.stop is not None and self.stop.signum is not None:
+            raise Interrupted(f"interrupted by {self.stop.name} {where}: no training step yet, no checkpoint saved")
+
+    def _stop_now(self) -> None:
+        """A signal arrived: save the current step (if not saved yet) and raise :class:`Interrupted`."""
+        step = self.step
+        path = self.ckpt.step_path(step)
+        try:
+            had = step in self.ckpt.all_steps()
+            self.save(force=True)
+            self.ckpt.wait()
+        except CheckpointError as e:
+            raise Interrupted(f"interrupted by {self.stop.name} at step {step}; no checkpoint saved: {e}") from None
+        what = "already saved" if had else "saved"
+        raise Interrupted(f"interrupted by {self.stop.name} at step {step}: checkpoint {what} in {path}")
+
+    def _next_batch(self) -> dict:
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            raise
+        except Exception as e:  # grain re-raises the sampler's error (possibly wrapped)
+            raise DataFault(f"training data {self.train_dir}: {error_line(e)}") from e
+
+    def _count_skips(self, local: dict, step: int) -> None:
+        """Clips dropped for bad data (``skipped`` of each clip); too many stops the run."""
+        tc = self.cfg.train
+        skipped = np.asarray(local.get("skipped", np.zeros(0, np.int64)))
+        self.skipped += int(skipped.sum())
+        self.clips_read += int(skipped.size + skipped.sum())
+        if self.clips_read >= tc.skip_min_clips and self.skipped > tc.max_skip_rate * self.clips_read:
+            errors = [str(e) for e in np.asarray(local.get("skip_error", [])).ravel() if str(e)]
+            try:
+                self.save(force=True)
+                self.ckpt.wait()
+                saved = f"checkpoint of step {step} in {self.ckpt.step_path(step)}"
+            except CheckpointError as e:
+                saved = f"no checkpoint saved: {e}"
+            msg = (f"training data {self.train_dir}: {self.skipped} of {self.clips_read} clips skipped for bad data "
+                   f"({100 * self.skipped / self.clips_read:.0f}% > train.max_skip_rate {tc.max_skip_rate:g}); "
+                   f"last: {errors[-1] if errors else 'unknown'}; {saved}")
+            self._write({"step": step, "error": msg})
+            raise DataFault(msg)
+
     @property
     def step(self) -> int:
         return int(local_copy(self.state["step"]))
@@ -336,7 +487,11 @@ class Trainer:
         try:
             stop = self.total_steps if until is None else min(until, self.total_steps)
             while step < stop:
-                local = next(self.data_iter)
+                if self.stop is not None and self.stop.signum is not None:
+                    self._stop_now()
+                self.ckpt.check()  # a failed background save stops the run at once
+                local = self._next_batch()
+                self._count_skips(local, step)
                 if tc.debug_nan_step is not None and step == tc.debug_nan_step:
                     local = {**local, "src_images": np.full_like(local["src_images"], np.nan)}
                 batch = self._global_batch(local)
@@ -362,10 +517,12 @@ class Trainer:
                     rate = n_last * self.global_batch / max(dt, 1e-9)
                     lrs = {k: float(f(step - 1)) for k, f in self.schedules.items()}
                     last_metrics = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}, **lrs,
-                                    "clips_per_s": round(rate, 3), "time_s": round(time.time() - self.t_start, 1)}
+                                    "clips_per_s": round(rate, 3), "skipped": self.skipped,
+                                    "clips_read": self.clips_read, "time_s": round(time.time() - self.t_start, 1)}
                     self._write(last_metrics)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lrs['lr']:.2e}", clips_s=f"{rate:.2f}")
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lrs['lr']:.2e}", clips_s=f"{rate:.2f}",
+                                        skipped=self.skipped)
                     t_last, n_last = time.time(), 0
                 if bar is not None:
                     bar.update(1)
@@ -378,6 +535,8 @@ class Trainer:
                         self.log(f"step {step}: val IoU {res['model']['iou']:.4f}")
             self.save(force=True)
             self.ckpt.wait()
+            if self.stop is not None and self.stop.signum is not None:
+                self._stop_now()
         finally:
             if bar is not None:
                 bar.close()
