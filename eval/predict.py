@@ -54,29 +54,22 @@ from __future__ import annotations
 
 import sys
 
+from eval.model_args import add_model_args, load_predictor
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="run LM-EEC on a processed split (per-frame JSONs + official JSON)",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="model directory (python -m convert) or random:<config-name>, e.g. random:lmeec_hiera_nano")
+    add_model_args(p, "largest object batch; batches are padded to 1/2/4/.../this (default 8)")
     p.add_argument("--data", required=True, help="processed split directory (<take>/annotation.json, <take>/<cam>/<frame>.jpg)")
     p.add_argument("--direction", required=True, choices=("ego2exo", "exo2ego"))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--chunk", type=int, default=8, help="frames per jitted call (default 8)")
-    p.add_argument("--max-objects", type=int, default=8,
-                   help="largest object batch; batches are padded to 1/2/4/.../this (default 8)")
     p.add_argument("--batch-buckets", default=None,
                    help="comma-separated batch sizes to pad to (default 1,2,4,...,--max-objects); "
                         "e.g. the single value 8 compiles one shape for the whole split")
     p.add_argument("--takes", default=None, help="comma-separated take ids (default: every take of --data)")
     p.add_argument("--official-shape", action="store_true",
                    help="write the per-frame JSONs at the official target shape instead of 480x480")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (float32: parity; bfloat16: like the reference's CUDA autocast)")
-    p.add_argument("--precision", default=None, choices=("highest", "default"),
-                   help="matmul precision (default: highest for float32, default for bfloat16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random:<config> weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--protocol", default="official", choices=("official", "lmeec"),
                    help="evaluation chain (frame list + confidence rule), as eval score --protocol (default official)")
@@ -136,8 +129,6 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    from lmeec_jax.models.load import MissingMVMoE
-    from lmeec_jax.inference.predictor import Predictor
 
     if args.chunk < 1 or args.max_objects < 1:
         print("error: --chunk and --max-objects must be >= 1", file=sys.stderr)
@@ -164,14 +155,9 @@ def _main(args) -> int:
         return 2
     frames, confidence = CHAINS[args.protocol]
     frames, confidence = args.frames or frames, args.confidence or confidence
-    try:
-        predictor = Predictor.load(args.checkpoint, seed=args.seed, dtype=args.dtype, precision=args.precision,
-                                   chunk=args.chunk, max_objects=args.max_objects)
-    except MissingMVMoE as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model {args.checkpoint!r}: {e}", file=sys.stderr)
+    predictor, err = load_predictor(args)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = predictor.cfg
     print(f"model {cfg.name} ({args.checkpoint}), image size {cfg.image_size}, dtype {args.dtype}, "

@@ -26,6 +26,8 @@ import sys
 
 import numpy as np
 
+from eval.model_args import add_model_args, load_predictor
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 OVERLAY_HEIGHT = 270
@@ -35,16 +37,11 @@ GIF_MAX_FRAMES = 300
 def register(subparsers) -> None:
     p = subparsers.add_parser("track", help="track objects from your own source video into your own target video",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="model directory (python -m convert) or random:<config-name>")
+    add_model_args(p)
     p.add_argument("--src", required=True, help="source frames: an image folder or a video file")
     p.add_argument("--tgt", required=True, help="target frames: an image folder or a video file")
     p.add_argument("--src-masks", required=True, help="folder of PNG masks named like the source frames")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--chunk", type=int, default=8, help="frames per jitted call (default 8)")
-    p.add_argument("--max-objects", type=int, default=8, help="objects per batch (default 8)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--precision", default=None, choices=("highest", "default"))
-    p.add_argument("--seed", type=int, default=0, help="seed of random:<config> weights")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay video")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
@@ -126,9 +123,7 @@ def main(args) -> int:
 
     from lmeec_jax.data.errors import DataError
     from lmeec_jax.data.media import open_frames
-    from lmeec_jax.inference.predictor import Predictor
     from lmeec_jax.io import atomic_write, write_json_atomic
-    from lmeec_jax.models.load import MissingMVMoE
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -143,13 +138,9 @@ def main(args) -> int:
                         "frames must pair up one to one")
     except DataError as e:
         return fail(str(e))
-    try:
-        predictor = Predictor.load(args.checkpoint, seed=args.seed, dtype=args.dtype, precision=args.precision,
-                                   chunk=args.chunk, max_objects=args.max_objects)
-    except MissingMVMoE as e:
-        return fail(str(e))
-    except (OSError, ValueError) as e:
-        return fail(f"cannot load the model {args.checkpoint!r}: {e}")
+    predictor, err = load_predictor(args)
+    if err:
+        return fail(err)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -75,7 +75,8 @@ def test_track_equals_eval_predict(env, tmp_path):
     batch = max(group_videos(recs, 8), key=lambda b: len(b.records))  # objects sharing a frame list
     pred_dir = tmp_path / "pred"
     rc = eval_main(["predict", "--checkpoint", env["ckpt"], "--data", split, "--direction", "ego2exo",
-                    "--out", str(pred_dir), "--chunk", str(CHUNK), "--takes", take, "--no-progress"])
+                    "--out", str(pred_dir), "--chunk", str(CHUNK), "--takes", take, "--no-progress",
+                    "--frames", "reference"])  # the frames exported below: source JPEGs ∩ target GT keys
     assert rc == 0
     folders = _export(env, batch, tmp_path / "mine")
     predictor = Predictor(env["model"], chunk=CHUNK)

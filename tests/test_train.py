@@ -417,6 +417,7 @@ def _data_log(workdir):
             if "data" in r]
 
 
+@pytest.mark.slow  # ~5 min of training-step compiles on 2 cores (suite budget); run with -m slow
 def test_resume_equals_straight_run(synth_dir, jax_cache, tmp_path):
     """4 steps straight == 2 steps, a new Trainer resuming from the checkpoint, 2 more steps:
     same parameters and same data order."""
