@@ -1,7 +1,7 @@
 """`python -m eval predict`: run LM-EEC over a processed split and write its predictions.
 
     python -m eval predict --checkpoint DIR|random:<config> --data SPLIT_DIR \
-        --direction ego2exo|exo2ego --out OUT_DIR [--chunk K] [--max-objects B] \
+        --direction ego2exo|exo2ego|both --out OUT_DIR [--chunk K] [--max-objects B] \
         [--batch-buckets 1,2,4,8] [--takes T1,T2] [--official-shape] \
         [--dtype float32|bfloat16] [--precision highest|default] [--no-progress] \
         [--protocol official|lmeec] [--frames official|reference] [--confidence score|area] \
@@ -19,12 +19,16 @@ empty or absent are skipped: no file), plus
   with confidence 0), so it passes the official validator;
 * ``OUT_DIR/predict_report_<direction>.json``: counts, timing and every skipped video.
 
+``--direction both`` runs the two directions at once (every camera frame of a take encoded
+once for both; the same files as two runs, two official JSONs and two reports).
+
 ``--official-shape`` also writes the per-frame files at the official shape (default: the
 reference's 480x480 squares, what LM-EEC's own protocol reads).
 ``--checkpoint random:lmeec_hiera_nano`` (or ``random:lmeec_hiera_b+``) uses random weights.
-Objects of one camera pair with the same frame list run as one batch (padded to 1/2/4/...
-``--max-objects``, or to ``--batch-buckets``), videos run ``--chunk`` frames per jitted
-call: the model compiles once per batch size used.
+The objects of one camera pair run as one batch (per-object frame lists; padded to 1/2/4/...
+``--max-objects``, or to ``--batch-buckets``), ``--chunk`` frames per jitted call, and the
+image features of a (take, camera, frame) are computed once for every pair and object that
+needs them: the model compiles once per batch size used.
 
 Evaluation chains (``--protocol``, the same word as ``eval score --protocol``):
 
@@ -62,7 +66,9 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     add_model_args(p, "largest object batch; batches are padded to 1/2/4/.../this (default 8)")
     p.add_argument("--data", required=True, help="processed split directory (<take>/annotation.json, <take>/<cam>/<frame>.jpg)")
-    p.add_argument("--direction", required=True, choices=("ego2exo", "exo2ego"))
+    p.add_argument("--direction", required=True, choices=("ego2exo", "exo2ego", "both"),
+                   help="both: the two directions in one run, each camera frame encoded once for both "
+                        "(the same files as two runs)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-buckets", default=None,
                    help="comma-separated batch sizes to pad to (default 1,2,4,...,--max-objects); "
@@ -78,6 +84,11 @@ def register(subparsers) -> None:
     p.add_argument("--confidence", default=None, choices=("score", "area"),
                    help="override the chain's confidence (score: sigmoid(object score); area: LM-EEC's area rule)")
     p.add_argument("--shard", default=None, help="I/N: predict only shard I of N (whole takes); see eval merge")
+    p.add_argument("--full-batches", action="store_true",
+                   help="every object of a camera pair in one batch (up to --max-objects) whatever its frame "
+                        "list; by default a video keeps the padded batch size of its frame-list group, because "
+                        "XLA's CPU results move in their last bits with the batch size (confidence, rarely a "
+                        "mask pixel); --batch-buckets B with one size B batches a whole pair without that")
     p.add_argument("--overwrite", action="store_true",
                    help="predict again into an --out that holds a run with other settings")
     p.set_defaults(func=main)
@@ -121,7 +132,8 @@ def main(args) -> int:
     try:
         return _main(args)
     except KeyboardInterrupt:
-        print(f"interrupted: what is done is kept (report: {args.out}/predict_report_{args.direction}.json, if "
+        which = "{ego2exo,exo2ego}" if args.direction == "both" else args.direction
+        print(f"interrupted: what is done is kept (report: {args.out}/predict_report_{which}.json, if "
               "prediction had started); run the same command again to resume", file=sys.stderr)
         return 130
     finally:
@@ -167,11 +179,13 @@ def _main(args) -> int:
     run = {"checkpoint": _checkpoint_id(args.checkpoint, args.seed), "dtype": args.dtype,
            "precision": predictor.runner.precision, "chunk": args.chunk, "max_objects": args.max_objects,
            "batch_buckets": buckets, "protocol": args.protocol}
+    if args.full_batches:
+        run["full_batches"] = True
     try:
         summary = predictor.predict_split(args.data, args.direction, args.out, buckets=buckets, takes=takes,
                                           official_shape_frames=args.official_shape, progress=not args.no_progress,
                                           frames=frames, confidence=confidence, shard=shard, run=run,
-                                          overwrite=args.overwrite)
+                                          overwrite=args.overwrite, exact_batches=not args.full_batches)
     except (RunMismatch, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,14 @@ def test_buckets_and_grouping():
     recs = [R("a", ("0", "30")), R("b", ("0", "30")), R("c", ("0",)), R("d", ("0", "30")), R("e", ("0", "30"), "cam02")]
     groups = P.group_videos(recs, max_objects=2)
     assert [[r.obj for r in g.records] for g in groups] == [["a", "b"], ["d"], ["c"], ["e"]]
+    # every object of a camera pair in one batch, whatever its frame list (union of the lists)
+    pairs = P.group_pairs(recs, max_objects=8, exact=False)
+    assert [([r.obj for r in g.records], g.frames) for g in pairs] == [(["a", "b", "c", "d"], ("0", "30")),
+                                                                       (["e"], ("0", "30"))]
+    # exact (default): every video keeps the batch size of its frame-list group (same bits)
+    pairs = P.group_pairs(recs, max_objects=2)
+    assert [[r.obj for r in g.records] for g in pairs] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [[r.obj for r in g.records] for g in P.group_pairs(recs, 2, buckets=[2])] == [["a", "b"], ["c", "d"], ["e"]]
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -201,6 +209,58 @@ def test_equals_direct_scan(env, e2x):
             assert abs(e["confidence"] - conf[t]) < 1e-5
             n_cmp += 1
         assert n_cmp >= 2 and np.ptp(low[v["src_valid"]]) > 0.1
+
+
+def _tree(out):
+    files = {}
+    for dp, dns, fns in os.walk(out):
+        dns[:] = [d for d in dns if d != ".done"]
+        for fn in fns:
+            if not fn.startswith("predict_report"):
+                p = os.path.join(dp, fn)
+                files[os.path.relpath(p, out)] = open(p, "rb").read()
+    return files
+
+
+def test_both_directions_in_one_run(env, e2x, x2e):
+    """``--direction both``: the files of the two runs, byte for byte (features shared)."""
+    out = env["root"] / "out_both"
+    rc = _predict(env, out, "both")
+    assert rc == 0
+    both, sep = _tree(str(out)), {**_tree(e2x[1]), **_tree(x2e[1])}
+    assert len(both) == len(sep) > 20
+    assert both == sep
+    for d in ("ego2exo", "exo2ego"):
+        rep = json.load(open(os.path.join(out, f"predict_report_{d}.json")))
+        assert rep["summary"]["ok"] and rep["run"]["direction"] == d
+
+
+def test_pair_batch_equals_videos_alone(env):
+    """Objects with different frame lists in one batch (per-object indices, shared features)
+    give the bits of each video run alone (encoder inside its chunks, its own list)."""
+    model = env["model"]
+    runner = P.ChunkRunner(model)
+    take = env["takes"][0]
+    ann = egoexo.load_annotation(os.path.join(env["split"], take), take)
+    recs = egoexo.list_take_videos(env["split"], take, "ego2exo", frames="official")
+    # two objects, frame lists made to differ (a frame dropped from each)
+    a, b = recs[0], recs[1 % len(recs)]
+    a = egoexo.VideoRecord(a.take, a.src_cam, a.tgt_cam, a.obj, a.frames[1:], a.direction)
+    b = egoexo.VideoRecord(b.take, b.src_cam, b.tgt_cam, b.obj + "", b.frames[:1] + b.frames[2:], b.direction)
+    (pb,) = P.group_pairs([a, b], MAX_OBJ, exact=False)
+    assert len(pb.records) == 2 and pb.records[0].frames != pb.records[1].frames
+    (res,) = P.run_take(runner, env["split"], take, ann, [pb], chunk=CHUNK, max_objects=MAX_OBJ, buckets=[MAX_OBJ],
+                        keep_logits=True)
+    n = 0
+    for j, rec in enumerate((a, b)):
+        alone = P.run_batch(runner, env["split"], P.VideoBatch(take, rec.src_cam, rec.tgt_cam, rec.frames, (rec,)),
+                            ann, chunk=CHUNK, bucket=MAX_OBJ, keep_logits=True)
+        got, ref = res.objects[j], alone.objects[0]
+        assert got.masks == ref.masks and got.confidence == ref.confidence and set(got.logits) == set(ref.logits)
+        for f in ref.logits:
+            assert np.array_equal(got.logits[f], ref.logits[f]), (rec.key, f)
+            n += 1
+    assert n >= 4
 
 
 # ----------------------------------------------------------------------------- bad input

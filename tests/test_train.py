@@ -190,6 +190,7 @@ def test_bfloat16_compute_float32_outputs():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
 
 
+@pytest.mark.slow  # ~5 min of gradient compiles on 2 cores (default-suite budget); make test-all runs it
 def test_rematerialisation_same_values_and_gradients_less_memory():
     """remat_blocks + remat_frames (each Hiera block and each frame under jax.checkpoint,
     the image encoder run one frame at a time) gives the same outputs and parameter

@@ -234,3 +234,246 @@ def test_parity_with_torchvision_ops():
         jp = A.JitterParams((2, 0, 3, 1), 1.07, 0.98, 1.02)
         ref = F.adjust_contrast(F.adjust_brightness(F.adjust_saturation(img, 1.02), 1.07), 0.98)
         np.testing.assert_array_equal(np.asarray(A.apply_jitter(img, jp)), np.asarray(ref))
+
+
+# ----------------------------------------------------------------------------- full-resolution masks
+#
+# The reference (training/dataset/EgoExo_transforms.py with the finetune yaml) keeps the
+# annotation's full-resolution masks (2x / 4x the processed JPEGs): RandomHorizontalFlip,
+# RandomAffine (F.affine on the mask tensor, nearest, fill 0, about the mask's own centre;
+# the frame-0 "vanished" check on that mask), then RandomResizeAPI (F.resize of the uint8
+# tensor: float32 antialiased bilinear, torch.round) straight to the square size.
+
+
+class _Scripted:
+    """A numpy Generator stand-in whose first ``random``/``uniform`` draws are given."""
+
+    def __init__(self, values, rest):
+        self.values, self.rest = list(values), rest
+
+    def random(self):
+        return self.values.pop(0) if self.values else self.rest.random()
+
+    def uniform(self, lo, hi):
+        return self.values.pop(0) if self.values else self.rest.uniform(lo, hi)
+
+    def permutation(self, n):
+        return self.rest.permutation(n)
+
+
+def _blob_masks(rng, T, hw, corner=False):
+    """[T, h, w] 0/1 ellipses (moving a little frame to frame); ``corner``: a small blob in
+    the top-left corner, which a rotation usually pushes out of the image."""
+    h, w = hw
+    Y, X = np.ogrid[:h, :w]
+    out = np.zeros((T, h, w), np.uint8)
+    for t in range(T):
+        if corner:
+            cy, cx, ry, rx = 1.5, 1.5, 2.0, 2.0
+        else:
+            cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+            ry, rx = rng.uniform(0.1, 0.3) * h, rng.uniform(0.1, 0.3) * w
+        out[t] = ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2 < 1
+    return out
+
+
+def _full_res_clip(seed, T=2, ego_hw=(44, 44), exo_hw=(27, 48), scale=(2, 4), exo_corner=False):
+    rng = np.random.default_rng(seed)
+    ego = rng.integers(0, 256, (T,) + ego_hw + (3,), dtype=np.uint8)
+    exo = rng.integers(0, 256, (T,) + exo_hw + (3,), dtype=np.uint8)
+    em = _blob_masks(rng, T, (ego_hw[0] * scale[0], ego_hw[1] * scale[0]))
+    xm = _blob_masks(rng, T, (exo_hw[0] * scale[1], exo_hw[1] * scale[1]), corner=exo_corner)
+    return dict(ego_frames=ego, ego_masks=em, exo_frames=exo, exo_masks=xm)
+
+
+def test_resize_mask_matches_torch_interpolate():
+    """resize_mask == torchvision's F.resize of a uint8 tensor = float32 F.interpolate(bilinear,
+    antialias=True) + torch.round, on the sizes of the data (full-resolution masks -> 480)
+    and on random ones (e.g. 141 -> 135, where the tap range needs float32 arithmetic)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    shapes = [((1408, 1408), 480), ((2160, 3840), 480), ((540, 960), 480), ((704, 704), 480), ((70, 141), 135)]
+    shapes += [((int(rng.integers(5, 150)), int(rng.integers(5, 150))), int(rng.integers(4, 160))) for _ in range(40)]
+    for (h, w), S in shapes:
+        m = _blob_masks(rng, 1, (h, w))[0]
+        if h * w < 40000:
+            m &= (rng.random((h, w)) < 0.8).astype(np.uint8)
+        m = A.affine_mask(m, A.AffineParams(float(rng.uniform(-25, 25)), float(rng.uniform(-20, 20))))
+        t = torch.from_numpy(m)[None, None].float()
+        ref = torch.nn.functional.interpolate(t, (S, S), mode="bilinear", align_corners=False, antialias=True)
+        np.testing.assert_array_equal(A.resize_mask(m, S), torch.round(ref)[0, 0].to(torch.uint8).numpy(),
+                                      err_msg=f"{h}x{w} -> {S}")
+    z = np.zeros((3, 2, 50, 70), np.uint8)  # leading dims, empty masks
+    assert A.resize_mask(z, 16).shape == (3, 2, 16, 16) and not A.resize_mask(z, 16).any()
+
+
+def _affine_mask_full_grid(mask, p):
+    """Oracle: torchvision's _gen_affine_grid + grid_sample(nearest, fill 0) over every pixel."""
+    h, w = mask.shape[-2:]
+    f32 = np.float32
+    th = np.asarray(A.inverse_affine_matrix((0.0, 0.0), p.angle, (p.shear_x, p.shear_y)), f32).reshape(2, 3)
+    X, Y = np.meshgrid(np.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, dtype=f32),
+                       np.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, dtype=f32))
+    gx = X * (th[0, 0] / f32(0.5 * w)) + Y * (th[0, 1] / f32(0.5 * w)) + th[0, 2] / f32(0.5 * w)
+    gy = X * (th[1, 0] / f32(0.5 * h)) + Y * (th[1, 1] / f32(0.5 * h)) + th[1, 2] / f32(0.5 * h)
+    xi = np.rint(((gx + f32(1)) * f32(w) - f32(1)) / f32(2))
+    yi = np.rint(((gy + f32(1)) * f32(h) - f32(1)) / f32(2))
+    inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+    out = mask[..., np.where(inside, yi, 0).astype(int), np.where(inside, xi, 0).astype(int)]
+    return np.where(inside, out, 0).astype(mask.dtype)
+
+
+def test_affine_mask_bounding_box_is_exact():
+    """affine_mask computes only the output pixels that can reach the non-zero bounding box;
+    the result equals the computation over every pixel."""
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(5, 120, 2))
+        m = np.zeros((2, h, w), np.uint8)
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        m[:, y0:y0 + int(rng.integers(1, h)), x0:x0 + int(rng.integers(1, w))] = 1
+        m[1] &= (rng.random((h, w)) < 0.7).astype(np.uint8)
+        p = A.AffineParams(float(rng.uniform(-25, 25)), float(rng.uniform(-20, 20)))
+        np.testing.assert_array_equal(A.affine_mask(m, p), _affine_mask_full_grid(m, p))
+
+
+def test_full_resolution_masks_are_transformed_at_their_own_size():
+    """Masks larger than their frames: flip, affine at the mask's size, one resize to
+    ``size`` (no nearest resize to the frame size first)."""
+    clip = _full_res_clip(0)
+    cfg = A.AugmentConfig(size=32, **NO_COLOUR)
+    ang, sh = 11.0, -7.0
+    out = A.augment_clip(clip, _Scripted([0.1, ang, sh], np.random.default_rng(0)), cfg)  # flip, affine
+    for v in A.VIEWS:
+        m = clip[f"{v}_masks"][..., ::-1]
+        want = A.resize_mask(A.affine_mask(m, A.AffineParams(ang, sh)), 32)
+        np.testing.assert_array_equal(out[f"{v}_masks"], want)
+        assert out[f"{v}_masks"].shape == (2, 32, 32) and out[f"{v}_frames"].shape == (2, 32, 32, 3)
+    # the old order (nearest to the frame size first) gives other masks
+    old = A.resize_mask(A.affine_mask(np.stack([np.asarray(Image.fromarray(x).resize((48, 27), Image.NEAREST))
+                                                for x in clip["exo_masks"][..., ::-1]]), A.AffineParams(ang, sh)), 32)
+    assert not np.array_equal(old, out["exo_masks"])
+
+
+def _reference_transforms():
+    """LM-EEC's training/dataset/EgoExo_transforms.py (needs torchvision and the checkout,
+    ``LMEEC_REF``), loaded with a stub for its datapoint classes (only used in type hints)."""
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    _torchvision()
+    root = os.environ.get("LMEEC_REF", "/tmp/ref/juneyeeHu+LM-EEC")
+    path = os.path.join(root, "training", "dataset", "EgoExo_transforms.py")
+    if not os.path.isfile(path):
+        pytest.skip(f"no LM-EEC checkout at {root} (set LMEEC_REF)")
+    stub = types.ModuleType("training.utils.data_utils")
+    stub.VideoDatapoint = stub.EgoExoVideoDatapoint = object
+    saved = {k: sys.modules.get(k) for k in ("training", "training.utils", "training.utils.data_utils")}
+    sys.modules.update({"training": types.ModuleType("training"), "training.utils": types.ModuleType("training.utils"),
+                        "training.utils.data_utils": stub})
+    try:
+        spec = importlib.util.spec_from_file_location("_lmeec_ref_egoexo_transforms", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mod
+
+
+@pytest.mark.parametrize("seed,exo_corner", [(0, False), (1, False), (2, False), (3, True), (4, False)])
+def test_geometry_matches_reference_transforms(seed, exo_corner):
+    """Flip + affine + square resize of the reference's ComposeAPI (finetune yaml parameters)
+    on PIL frames and full-resolution uint8 tensor masks vs augment_clip with the same draws:
+    masks and frames identical (colour steps off here; their parity is tested above)."""
+    import random
+    from types import SimpleNamespace
+
+    R = _reference_transforms()
+    import torch
+    import torchvision.transforms as T
+
+    S = 32
+    clip = _full_res_clip(seed, exo_corner=exo_corner)
+    # the reference's draws: python random (flip), torch (angle, shear)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    u = random.random()
+    angle, _, _, shear = T.RandomAffine.get_params([-25.0, 25.0], None, None, [-20.0, 20.0], [44, 44])
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    def frames(v):
+        return [SimpleNamespace(data=Image.fromarray(f), objects=[SimpleNamespace(segment=torch.from_numpy(m.copy()))])
+                for f, m in zip(clip[f"{v}_frames"], clip[f"{v}_masks"])]
+
+    dp = SimpleNamespace(ego_frames=frames("ego"), exo_frames=frames("exo"))
+    for t in (R.RandomHorizontalFlip(consistent_transform=True),
+              R.RandomAffine(degrees=25, consistent_transform=True, shear=20, image_interpolation="bilinear",
+                             log_warning=False),
+              R.RandomResizeAPI(sizes=S, consistent_transform=True, square=True)):
+        dp = t(dp)
+
+    cfg = A.AugmentConfig(size=S, **NO_COLOUR)
+    out = A.augment_clip(clip, _Scripted([u, angle, shear[0]], np.random.default_rng(seed)), cfg)
+    for v in A.VIEWS:
+        ref_m = np.stack([fr.objects[0].segment.numpy() for fr in getattr(dp, f"{v}_frames")])
+        ref_f = A.normalize(np.stack([np.asarray(fr.data) for fr in getattr(dp, f"{v}_frames")]))
+        np.testing.assert_array_equal(out[f"{v}_masks"], ref_m, err_msg=v)
+        np.testing.assert_array_equal(out[f"{v}_frames"], ref_f, err_msg=v)
+    flipped = clip["exo_masks"][..., ::-1] if u < 0.5 else clip["exo_masks"]
+    skipped = not A.affine_mask(flipped[0], A.AffineParams(angle, shear[0])).any()
+    assert skipped == exo_corner  # the corner case exercises the skip rule (exo left untransformed)
+    if skipped:
+        np.testing.assert_array_equal(out["exo_masks"], A.resize_mask(flipped, S))
+
+
+def test_pipeline_augments_full_resolution_masks(tmp_path):
+    """ClipSampler hands the annotation's full-resolution masks (here 2x / 4x the JPEGs) to
+    augment_clip unchanged: its clip equals augment_clip of (JPEGs, decoded RLE masks)."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    from lmeec_jax.data.egoexo import list_train_videos
+    from lmeec_jax.data.pipeline import ClipSampler, ClipSpec
+
+    rng = np.random.default_rng(8)
+    take = tmp_path / "take0"
+    cams = {"aria01": ((40, 40), 2), "cam01": ((24, 40), 4)}
+    names = ["0", "30", "60"]
+    ann, full = {"masks": {"obj": {}}, "subsample_idx": [0, 30, 60]}, {}
+    for cam, ((h, w), s) in cams.items():
+        (take / cam).mkdir(parents=True)
+        ms = _blob_masks(rng, len(names), (h * s, w * s))
+        full[cam] = ms
+        ann["masks"]["obj"][cam] = {}
+        for f, m in zip(names, ms):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(take / cam / f"{f}.jpg")
+            rle = mask_utils.encode(np.asfortranarray(m))
+            ann["masks"]["obj"][cam][f] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    (take / "annotation.json").write_text(json.dumps(ann))
+
+    recs = list_train_videos(str(tmp_path), num_frames=2)
+    spec = ClipSpec(num_frames=2, augment=A.AugmentConfig(size=32))
+    sampler = ClipSampler(str(tmp_path), recs, spec, seed=5, multiplier=1, global_batch=1, host_batch=1)
+    got = sampler(0)
+
+    r = np.random.default_rng([5, 0])
+    rec = recs[sampler.video_of(0)]
+    start = sampler._sample_start(rec, r)
+    fr = names[start:start + 2]
+    clip = {}
+    for v, cam in (("ego", rec.src_cam), ("exo", rec.tgt_cam)):
+        clip[f"{v}_frames"] = np.stack([np.asarray(Image.open(take / cam / f"{f}.jpg").convert("RGB")) for f in fr])
+        clip[f"{v}_masks"] = full[cam][start:start + 2]
+    want = A.augment_clip(clip, r, spec.augment)
+    np.testing.assert_array_equal(got["src_masks"], want["ego_masks"])
+    np.testing.assert_array_equal(got["tgt_masks"], want["exo_masks"])
+    np.testing.assert_array_equal(got["src_images"], want["ego_frames"])
+    np.testing.assert_array_equal(got["tgt_images"], want["exo_frames"])

@@ -9,7 +9,13 @@ resumed (``--resume`` insists on one, ``--fresh`` ignores it). Outputs in the wo
 (default ``work_dirs/<config name>``): ``config.yaml`` (resolved), ``metrics.jsonl``,
 ``checkpoints/<step>/``, ``eval_final.json``, ``overlays/``. ``--dry-run`` prints the resolved
 config as YAML (loadable again with ``--config``) and exits without building the model or
-touching data or the workdir.
+touching data or the workdir. TensorBoard event files go to ``<workdir>/tensorboard/``.
+
+More than one process (several hosts, or a process per GPU): run the same command in each with
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``); under SLURM ``srun``, Open MPI and on TPU pod
+slices nothing is needed (jax detects the processes). The workdir is shared; process 0 writes
+the run's files and prints, the others log to ``error.process<I>.log``.
 
 Faults end with one line on stderr (``error: ...``, naming the path or key and the cause; a
 full traceback, and what libraries log, go to ``<workdir>/error.log``) and a status: 2 a bad
@@ -32,6 +38,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Optional
 
 
 def _fail(lines, code: int):
@@ -111,13 +118,27 @@ def main(argv=None) -> int:
     p.add_argument("--resume-changed", action="store_true",
                    help="resume even though the model or recipe differs from the workdir's config.yaml "
                    "(the old one is kept as config.<time>.yaml)")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    g = p.add_argument_group("more than one process (jax.distributed; see README)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator service (runtime.coordinator_address; "
+                   "default: $JAX_COORDINATOR_ADDRESS, or what jax detects under SLURM / Open MPI / TPU pods)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="number of processes (runtime.num_processes; default: $JAX_NUM_PROCESSES or detected)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process, 0..N-1 (runtime.process_id; default: $JAX_PROCESS_ID or detected)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() even where nothing above is set (jax's cluster detection)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
     args = p.parse_args(argv)
 
     from lmeec_jax.training.config import ConfigError, config_yaml, load_config
 
     overrides = list(args.overrides) + (["runtime.distributed=true"] if args.distributed else [])
+    for flag, key in (("coordinator", "coordinator_address"), ("num_processes", "num_processes"),
+                      ("process_id", "process_id")):
+        v = getattr(args, flag)
+        if v is not None:
+            overrides.append(f"runtime.{key}={json.dumps(v)}")
     try:  # a dry run only prints: the input paths need not exist yet
         cfg = load_config(args.config, overrides, check_paths=not args.dry_run)
     except ConfigError as e:
@@ -130,8 +151,21 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _fail([f"--workdir {workdir}: {e.strerror or e}"], 2)
-    with _quiet_stderr(workdir / "error.log") as log:
+    pid = _process_id(cfg)
+    with _quiet_stderr(workdir / ("error.log" if not pid else f"error.process{pid}.log")) as log:
         return _train(cfg, workdir, args, log)
+
+
+def _process_id(cfg) -> Optional[int]:
+    """This process's index as known before jax starts (flag, JAX_PROCESS_ID, SLURM, Open MPI):
+    every process but 0 logs to its own ``error.process<i>.log``."""
+    if cfg.runtime.process_id is not None:
+        return cfg.runtime.process_id
+    for var in ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return None
 
 
 def _train(cfg, workdir: Path, args, log) -> int:
@@ -165,6 +199,8 @@ def _train(cfg, workdir: Path, args, log) -> int:
         finally:
             if trainer is not None:
                 trainer.close()
+    if not trainer.is_main:
+        return 0
     ev = summary.get("eval")
     print(f"done: {summary['step']} steps, wall time {summary['wall_s']:.0f} s (training {summary['train_wall_s']:.0f} s)")
     if ev:

@@ -85,7 +85,7 @@ def load_frames(paths, image_size: int = IMAGE_SIZE, contexts=None) -> np.ndarra
 # ----------------------------------------------------------------------------- masks
 
 
-def _aa_weights(in_size: int, out_size: int):
+def _aa_weights(in_size: int, out_size: int, f32_tap_range: bool = False):
     """Index/weight table of torch's antialiased bilinear resize along one axis.
 
     Mirrors ATen's ``_compute_weights_aa`` (align_corners=False, bilinear triangle
@@ -93,6 +93,12 @@ def _aa_weights(in_size: int, out_size: int):
     1 otherwise; taps ``[xmin, xmin + xsize)`` with ``xmin = trunc(center - support + .5)``
     clamped at 0, weights ``tri((j + xmin - center + .5) / max(scale, 1))`` normalised.
     Returns ``idx`` (out, K) int64 and ``w`` (out, K) float32 (unused taps: weight 0).
+
+    ``f32_tap_range``: the tap range subtracts/adds ``support`` in float32 before adding the
+    (double) 0.5, as the C++ does (e.g. 141 -> 135 px differ otherwise by one tap of weight 3e-6;
+    checked against ``torch.nn.functional.interpolate`` in tests/test_transforms.py). The
+    training masks use it; the inference source masks keep the double range, which equals
+    torch at the data's sizes (and keeps ``eval predict``'s outputs as they were).
     """
     f32 = np.float32
     scale = f32(in_size) / f32(out_size)
@@ -104,8 +110,12 @@ def _aa_weights(in_size: int, out_size: int):
     for i in range(out_size):
         # C++ promotion: float * double -> double, stored back into a float
         center = f32(float(scale) * (i + 0.5))
-        xmin = max(int(float(center) - float(support) + 0.5), 0)  # int() truncates like C
-        xmax = min(int(float(center) + float(support) + 0.5), in_size)
+        if f32_tap_range:
+            lo, hi = float(f32(center - support)), float(f32(center + support))
+        else:
+            lo, hi = float(center) - float(support), float(center) + float(support)
+        xmin = max(int(lo + 0.5), 0)  # int() truncates like C
+        xmax = min(int(hi + 0.5), in_size)
         xsize = xmax - xmin
         js = np.arange(xsize)
         # (int64 - float) -> float; + 0.5 and * invscale in double; cast to float for the filter

@@ -19,10 +19,14 @@ slot ``j % B``) comes from ``np.random.default_rng([seed, j])`` and the epoch or
 number of hosts or worker processes: host ``h`` of ``H`` reads slots ``[h B/H, (h+1) B/H)``
 of every global batch. The grain iterator's state (a position) is checkpointable.
 
-Deviations: masks are brought to their frame's size (nearest) before augmenting, since
-:func:`augment_clip` needs equal sizes (the reference transforms the full-resolution
-masks and the JPEGs separately); ``preresize`` (off by default) decodes the JPEGs at a
-reduced DCT scale first (the masks follow, nearest).
+Masks stay at the annotation's (full) resolution, as in the reference, which transforms the
+full-resolution masks and the JPEGs separately: flip, affine (nearest, about the mask's own
+centre; the frame-0 "mask vanished" check is made at that resolution) and one antialiased
+bilinear resize to the square training size with rounding (see
+:mod:`lmeec_jax.data.transforms`). A frame without a mask gets zeros. Deviations:
+``preresize`` (off by default) decodes the JPEGs at a reduced DCT scale first (the masks are
+not affected); a mask whose size differs from the first mask of its view in the clip (not in
+the EgoExo4D data) is brought to that size (nearest), since a view's masks are one array.
 """
 
 from __future__ import annotations
@@ -196,15 +200,15 @@ class ClipSampler:
         imgs, masks = [], []
         for f in frames:
             ctx = dict(take=rec.take, camera=cam, frame=f)
-            img = self._frame(os.path.join(take_dir, cam, f + ".jpg"), size, **ctx)
-            hw = img.shape[:2]
-            m = view.get(f)  # DataError on a bad mask
+            imgs.append(self._frame(os.path.join(take_dir, cam, f + ".jpg"), size, **ctx))
+            masks.append(view.get(f))  # full resolution; DataError on a bad mask
+        # the view's mask size: its first mask's (all-zero stand-ins resize to zeros at any size)
+        hw = next((m.shape for m in masks if m is not None), imgs[0].shape[:2])
+        for i, m in enumerate(masks):
             if m is None:
-                m = np.zeros(hw, np.uint8)
+                masks[i] = np.zeros(hw, np.uint8)
             elif m.shape != hw:
-                m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
-            imgs.append(img)
-            masks.append(m)
+                masks[i] = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
         return np.stack(imgs), np.stack(masks).astype(np.uint8)
 
     def load(self, video: int, start: int, rng: np.random.Generator) -> dict:

@@ -11,8 +11,9 @@ both views):
    each image rotated about its own centre; images bilinear with fill (123, 116, 103), masks
    nearest with fill 0. If a frame-0 mask of a view becomes empty, that view is not transformed
    (see ``affine_skip``);
-3. square resize to ``size`` (PIL bilinear for images; masks: antialiased bilinear on 0/1 floats
-   then rounded half-to-even, as torchvision does on uint8 tensors);
+3. square resize to ``size`` (PIL bilinear for images; masks: torch's antialiased bilinear on
+   0/1 float32 values, then rounded half-to-even, as torchvision's ``F.resize`` does on a uint8
+   tensor);
 4. colour jitter (brightness 0.1, contrast 0.03, saturation 0.03), one draw for everything; the
    order of the three adjustments is a random permutation as in ``T.ColorJitter.get_params``;
 5. grayscale with p 0.05 (PIL ``convert("L")`` replicated to 3 channels), all frames, both views;
@@ -24,8 +25,11 @@ torchvision inverse-affine matrix, ``Image.resize``, ``ImageEnhance``), so given
 parameters the pixels are the reference's.
 
 The clip is a flat dict: ``ego_frames``/``exo_frames`` ``[T, H, W, 3]`` uint8 and
-``ego_masks``/``exo_masks`` ``[T, H, W]`` or ``[T, N, H, W]`` (N objects) of 0/1 values; the
-two views may have different frame sizes. Other keys pass through unchanged. The output has
+``ego_masks``/``exo_masks`` ``[T, h, w]`` or ``[T, N, h, w]`` (N objects) of 0/1 values; the
+two views may have different frame sizes, and a view's masks may have another size than its
+frames (the reference keeps the annotation's full-resolution masks: flip, affine about the
+mask's own centre and the final resize act on them at that size, the frames at theirs; with
+the same aspect ratio the geometry agrees). Other keys pass through unchanged. The output has
 ``*_frames`` float32 ``[T, size, size, 3]`` (channels last) and ``*_masks`` uint8
 ``[T, (N,) size, size]``.
 """
@@ -38,6 +42,8 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from lmeec_jax.data.images import _aa_weights
 
 __all__ = [
     "AugmentConfig",
@@ -132,14 +138,35 @@ def affine_image(img: Image.Image, p: AffineParams, fill=(123, 116, 103)) -> Ima
 def affine_mask(mask: np.ndarray, p: AffineParams) -> np.ndarray:
     """torchvision ``F.affine`` on a tensor mask, nearest, fill 0 (grid_sample semantics).
 
-    ``mask``: ``[..., H, W]``; the same transform is applied to every leading index.
+    ``mask``: ``[..., H, W]``; the same transform is applied to every leading index, about
+    the mask's own centre. Only the output pixels that can land on the non-zero pixels'
+    bounding box are computed (the rest are 0, as in the full computation, whose per-pixel
+    float32 arithmetic is the same): full-resolution masks are mostly background.
     """
     h, w = mask.shape[-2:]
+    out = np.zeros(mask.shape, mask.dtype)
+    flat = mask.reshape((-1, h, w))
+    rows, cols = np.flatnonzero(flat.any(axis=(0, 2))), np.flatnonzero(flat.any(axis=(0, 1)))
+    if rows.size == 0:
+        return out
     m = inverse_affine_matrix((0.0, 0.0), p.angle, (p.shear_x, p.shear_y))
+    th = np.asarray(m, np.float64).reshape(2, 3)
+    # output pixels (centred coordinates) whose source can be in the box, 1 px of slack
+    # on the input side (nearest rounding) and 2 on the output side
+    cx, cy = (w - 1) * 0.5, (h - 1) * 0.5
+    corners = np.array([[x - cx, y - cy] for x in (cols[0] - 1.0, cols[-1] + 1.0)
+                        for y in (rows[0] - 1.0, rows[-1] + 1.0)])
+    fwd = corners @ np.linalg.inv(th[:, :2]).T  # input -> output (no translation)
+    x0 = max(int(np.floor(fwd[:, 0].min() + cx)) - 2, 0)
+    x1 = min(int(np.ceil(fwd[:, 0].max() + cx)) + 2, w - 1)
+    y0 = max(int(np.floor(fwd[:, 1].min() + cy)) - 2, 0)
+    y1 = min(int(np.ceil(fwd[:, 1].max() + cy)) + 2, h - 1)
+    if x0 > x1 or y0 > y1:
+        return out
     # torchvision's _gen_affine_grid + grid_sample(align_corners=False), in float32 as torch
     f32 = np.float32
-    xc = np.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, dtype=f32)  # output pixel centres
-    yc = np.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, dtype=f32)
+    xc = np.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, dtype=f32)[x0:x1 + 1]  # output pixel centres
+    yc = np.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, dtype=f32)[y0:y1 + 1]
     X, Y = np.meshgrid(xc, yc)
     th = np.asarray(m, f32).reshape(2, 3)
     hw, hh = f32(0.5 * w), f32(0.5 * h)
@@ -148,10 +175,11 @@ def affine_mask(mask: np.ndarray, p: AffineParams) -> np.ndarray:
     xi = np.rint(((gx + f32(1)) * f32(w) - f32(1)) / f32(2))  # input index coordinates
     yi = np.rint(((gy + f32(1)) * f32(h) - f32(1)) / f32(2))
     inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-    xi = np.where(inside, xi, 0).astype(np.int64)
-    yi = np.where(inside, yi, 0).astype(np.int64)
-    out = mask[..., yi, xi]
-    return np.where(inside, out, np.zeros((), mask.dtype)).astype(mask.dtype)
+    src = np.where(inside, yi * w + xi, 0).astype(np.int64).ravel()
+    vals = np.take(flat.reshape(flat.shape[0], h * w), src, axis=1).reshape((flat.shape[0],) + X.shape)
+    vals[:, ~inside] = 0
+    out.reshape((-1, h, w))[:, y0:y1 + 1, x0:x1 + 1] = vals
+    return out
 
 
 def _affine_view(frames, masks, p: AffineParams, fill):
@@ -197,14 +225,75 @@ def resize_image(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BILINEAR)
 
 
+_AA_TABLES: dict = {}
+
+
+def _aa_table(in_size: int, out_size: int):
+    key = (in_size, out_size)
+    if key not in _AA_TABLES:
+        _AA_TABLES[key] = _aa_weights(in_size, out_size, f32_tap_range=True)
+    return _AA_TABLES[key]
+
+
+def _aa_pass_sparse(x: np.ndarray, out_size: int, axis: int, lo: int, hi: int) -> np.ndarray:
+    """One pass of torch's antialiased bilinear resize of ``x`` along ``axis`` (taps summed in
+    order in float32), computing only the outputs whose taps reach input indices ``[lo, hi]``
+    (the non-zero span; the other outputs are sums of zeros, i.e. 0)."""
+    idx, wt = _aa_table(x.shape[axis], out_size)
+    sel = np.flatnonzero(((idx >= lo) & (idx <= hi)).any(axis=1))
+    xm = np.moveaxis(x, axis, -1)
+    out = np.zeros(xm.shape[:-1] + (out_size,), np.float32)
+    if sel.size:
+        i, ww = idx[sel], wt[sel]
+        acc = xm[..., i[:, 0]] * ww[:, 0]
+        for j in range(1, i.shape[1]):  # tap order as ATen
+            acc = acc + xm[..., i[:, j]] * ww[:, j]
+        out[..., sel] = acc
+    return np.moveaxis(out, -1, axis)
+
+
+def _resize_aa_2d(m: np.ndarray, size) -> np.ndarray:
+    """torch ``F.interpolate(m[None, None].float(), size, mode="bilinear", antialias=True)``
+    of one 2-D mask (width pass, then height pass, as ATen), restricted to the support of
+    the non-zero pixels.
+
+    The weights are ATen's exactly; the sums can differ from ATen's by an ULP (its compiled
+    kernel fuses multiply-adds for some tap counts), which changes a rounded pixel only when
+    the value is within an ULP of 0.5 (none in tests/test_transforms.py's samples)."""
+    oh, ow = size
+    m = np.asarray(m)
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return np.zeros((oh, ow), np.float32)
+    if m.shape[1] != ow:
+        r0, r1 = rows[0], rows[-1] + 1
+        y = np.zeros((m.shape[0], ow), np.float32)
+        y[r0:r1] = _aa_pass_sparse(m[r0:r1].astype(np.float32), ow, 1, cols[0], cols[-1])
+    else:
+        y = m.astype(np.float32)
+    if y.shape[0] != oh:
+        c = np.flatnonzero(y.any(axis=0))
+        if c.size == 0:
+            return np.zeros((oh, ow), np.float32)
+        c0, c1 = c[0], c[-1] + 1
+        out = np.zeros((oh, ow), np.float32)
+        out[:, c0:c1] = _aa_pass_sparse(y[:, c0:c1], oh, 0, rows[0], rows[-1])
+        y = out
+    return y
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """torchvision ``F.resize`` of a uint8 tensor mask: bilinear, antialias, round half-to-even."""
+    """torchvision ``F.resize(mask[None, None], (size, size))`` of a uint8 0/1 tensor mask
+    (``[..., h, w]``, any ``h, w``): cast to float32, torch's antialiased bilinear
+    (``F.interpolate(..., antialias=True)`` in ATen's float32 arithmetic), ``torch.round``
+    (half-to-even), back to the mask's dtype. A mask already ``size x size`` is returned as is."""
     lead = mask.shape[:-2]
+    if mask.shape[-2:] == (size, size):
+        return np.array(mask)
     flat = mask.reshape((-1,) + mask.shape[-2:])
     out = np.empty((flat.shape[0], size, size), np.float32)
     for i, m in enumerate(flat):
-        im = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32))
-        out[i] = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32)
+        out[i] = _resize_aa_2d(m, (size, size))
     out = np.clip(np.round(out), 0, 255).astype(mask.dtype)
     return out.reshape(lead + (size, size))
 
@@ -268,8 +357,8 @@ def _check_clip(clip):
         f, m = clip[f"{v}_frames"], clip[f"{v}_masks"]
         if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
             raise ValueError(f"{v}_frames must be uint8 [T, H, W, 3], got {f.dtype} {f.shape}")
-        if m.ndim not in (3, 4) or m.shape[0] != f.shape[0] or m.shape[-2:] != f.shape[1:3]:
-            raise ValueError(f"{v}_masks must be [T, (N,) H, W] matching the frames, got {m.shape}")
+        if m.ndim not in (3, 4) or m.shape[0] != f.shape[0]:
+            raise ValueError(f"{v}_masks must be [T, (N,) h, w] with the frames' T, got {m.shape}")
 
 
 def augment_clip(clip: dict, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> dict:

@@ -1,6 +1,11 @@
 """The jitted chunk of the tracker for one model: K frames of both views through the image
 encoder and the frame-step scan, B objects at once, the memory carried between calls.
 
+Two forms: :meth:`ChunkRunner.run` (images in, the encoder inside the chunk: one video at a
+time) and :meth:`ChunkRunner.encode` + :meth:`ChunkRunner.track` (features of a (camera,
+frame) computed once, two frames per encoder call, and fed to every chunk that needs them;
+per-object frame indices). Both give the same bits.
+
 The jitted model step is shared by every runner of the same model graph and dtype (a test
 or a second split in the same process does not compile again) and compiles once per
 (K, B); postprocessing to output shapes is a separate small jit, so a new target shape
@@ -27,7 +32,10 @@ OUT_SIZE = EVAL_SIZE  # side of the per-frame masks (the reference's image_size 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRECISIONS = ("highest", "default")
 
-__all__ = ["OUT_SIZE", "DTYPES", "PRECISIONS", "ChunkOut", "ChunkRunner", "prefetch_executor", "prefetched", "resolve_precision"]
+__all__ = ["OUT_SIZE", "DTYPES", "PRECISIONS", "ChunkOut", "ChunkRunner", "prefetch_executor", "prefetched",
+           "resolve_precision", "ENCODE_FRAMES"]
+
+ENCODE_FRAMES = 2  # frames per encoder call of ChunkRunner.encode (the pair of encode_views)
 
 _PREFETCH: Optional[cf.ThreadPoolExecutor] = None
 
@@ -63,6 +71,37 @@ def _make_chunk_fn(graphdef, compute_dtype, diff_dtype, precision):
         tgt = tgt_images.astype(compute_dtype)
         masks = src_masks.astype(compute_dtype)
         state, out = lmeec.scan_chunk(model, state, src, tgt, masks, processed, t0, num_frames, diff_dtype=diff_dtype)
+        return state, (out.low_res_logits.astype(jnp.float32), out.object_score_logits.astype(jnp.float32),
+                       out.processed)
+
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+def _make_encode_fn(graphdef, compute_dtype, precision):
+    """Image encoder alone: [2n, S, S, 3] -> 2n per-frame feature tuples (compiled once per n)."""
+
+    @jax.default_matmul_precision(precision)
+    def fn(params, images):
+        model = nnx.merge(graphdef, params)
+        return lmeec.encode_frames(model, images.astype(compute_dtype))
+
+    return jax.jit(fn)
+
+
+def _make_track_fn(graphdef, compute_dtype, diff_dtype, precision):
+    """The tracker over K frames of precomputed features (per-frame tuples, stacked here);
+    per-object frame indices ``ts [K, B]`` and lengths ``num_frames [B]``."""
+
+    @jax.default_matmul_precision(precision)
+    def fn(params, state, tgt_frames, src_frames, src_masks, processed, ts, num_frames):
+        model = nnx.merge(graphdef, params)
+        stack = lambda xs: jnp.stack(xs)
+        tgt_fpn = tuple(stack([f[i] for f in tgt_frames]) for i in range(3))
+        tgt_pos = stack([f[3] for f in tgt_frames])
+        src_feat = stack(list(src_frames))
+        masks = src_masks.astype(compute_dtype)
+        state, out = lmeec.track_chunk(model, state, tgt_fpn, tgt_pos, src_feat, masks, processed, ts, num_frames,
+                                       diff_dtype=diff_dtype)
         return state, (out.low_res_logits.astype(jnp.float32), out.object_score_logits.astype(jnp.float32),
                        out.processed)
 
@@ -109,9 +148,13 @@ class ChunkRunner:
         diff_dtype = AUTOCAST if self.dtype == jnp.bfloat16 else jnp.float32
         key = (self.cfg, dtype, self.precision)
         if key not in _JIT_CACHE:
-            _JIT_CACHE[key] = _make_chunk_fn(graphdef, self.dtype, diff_dtype, self.precision)
-        self._fn = _JIT_CACHE[key]
+            _JIT_CACHE[key] = (_make_chunk_fn(graphdef, self.dtype, diff_dtype, self.precision),
+                               _make_encode_fn(graphdef, self.dtype, self.precision),
+                               _make_track_fn(graphdef, self.dtype, diff_dtype, self.precision))
+        self._fn, self._encode_fn, self._track_fn = _JIT_CACHE[key]
         self.compiled: set = set()
+        self.encoder_calls = 0  # encoder calls (two frames each in encode(); one per frame pair in run())
+        self.frames_encoded = 0  # images through the encoder, padding included
 
     @property
     def image_size(self) -> int:
@@ -123,8 +166,33 @@ class ChunkRunner:
     def run(self, state, src_images, tgt_images, src_masks, processed, t0: int, num_frames: int):
         K, B = np.shape(processed)
         self.compiled.add((int(K), int(B)))
+        self.encoder_calls += int(K)
+        self.frames_encoded += 2 * int(K)
         state, (low, scores, proc) = self._fn(self.params, state, src_images, tgt_images, src_masks, processed,
                                               np.int32(t0), np.int32(num_frames))
+        return state, low, scores, proc
+
+    def encode(self, images):
+        """Features of ``ENCODE_FRAMES`` images [2, S, S, 3] (float32, normalised, any cameras):
+        a tuple of per-frame ``(fpn0, fpn1, fpn2, pos)`` device arrays (nothing fetched)."""
+        n = int(np.shape(images)[0])
+        if n != ENCODE_FRAMES:
+            raise ValueError(f"encode takes {ENCODE_FRAMES} images, got {n}")
+        self.encoder_calls += 1
+        self.frames_encoded += n
+        return self._encode_fn(self.params, images)
+
+    def track(self, state, tgt_frames, src_frames, src_masks, processed, ts, num_frames):
+        """K steps over precomputed features: ``tgt_frames`` K per-frame ``(fpn0, fpn1, fpn2,
+        pos)`` of the target view, ``src_frames`` K lowest-level source features (from
+        :meth:`encode`), masks [K, B, S, S], processed [K, B], ``ts`` [K, B] int32 (each
+        object's frame index), ``num_frames`` [B] int32 (each object's video length) ->
+        ``(state, low-res logits, object scores, processed)`` (device arrays)."""
+        K, B = np.shape(processed)
+        self.compiled.add((int(K), int(B)))
+        state, (low, scores, proc) = self._track_fn(self.params, state, tuple(tgt_frames), tuple(src_frames),
+                                                    src_masks, processed, np.asarray(ts, np.int32),
+                                                    np.asarray(num_frames, np.int32))
         return state, low, scores, proc
 
     def stream(self, batch: int, chunks: Iterable[tuple], num_frames: int) -> Iterator[tuple]:

@@ -18,15 +18,21 @@ of LM-EEC), and what we keep:
 
 What we add:
 
-* batching: the objects of one camera pair with the *same* frame list run as one batch
-  of B objects (padded up to a bucket 1, 2, 4, ... ``max_objects``, or the given bucket
-  sizes; padding objects get
-  ``processed=False`` and change nothing, the per-object memory is vmapped);
-* chunking: a video runs K frames per jitted call (image encoder inside, ``lax.scan``
-  over the frames), the memory state carried between calls; the last chunk is padded
-  with ``processed=False`` frames. A split therefore compiles the model once per
-  batch bucket, whatever the video lengths;
-* prefetch: the next chunk's JPEGs and masks are decoded on a background thread while
+* batching: every object of one camera pair runs in one batch of B objects (padded up to
+  a bucket 1, 2, 4, ... ``max_objects``, or the given bucket sizes; padding objects get
+  ``processed=False`` and change nothing, the per-object memory is vmapped), even when
+  their frame lists differ: the batch steps through the union of the lists and each
+  object has its own frame index and video length; a step outside an object's list is
+  not one of its frames (no memory read or write, no index advance, no output);
+* features shared (:func:`run_take`): the image features of a (take, camera, frame) are
+  computed once and used by every object and every camera pair that needs the frame, in
+  one direction or both (``direction="both"``); the pair batches of a take advance
+  together chunk by chunk, so only about a chunk of features per batch is held;
+* chunking: a batch runs K steps per jitted call (``lax.scan`` over the frames), the
+  memory state carried between calls; the last chunk is padded with ``processed=False``
+  steps. A split therefore compiles the tracker once per batch bucket and the encoder
+  once, whatever the video lengths;
+* prefetch: the next step's JPEGs and masks are decoded on a background thread while
   the device works on the current one; the chunk's outputs are fetched once per chunk
   (after the next chunk has been dispatched);
 * the official EvalAI submission (``predictions_<direction>.json``): for every take,
@@ -55,6 +61,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from lmeec_jax.data import egoexo
@@ -80,6 +87,12 @@ __all__ = [
     "ChunkOut",
     "BatchResult",
     "run_batch",
+    "PairBatch",
+    "group_pairs",
+    "run_take",
+    "TakeStats",
+    "SplitSummary",
+    "DIRECTIONS",
     "official_target_shape",
     "PredictSummary",
     "predict_split",
@@ -303,6 +316,312 @@ def run_batch(runner: ChunkRunner, split_dir: str, batch: VideoBatch, annotation
         if res.error is None and o.error is None:
             res.processed += len(o.masks)
     return res
+
+
+# ============================================================================ one take, every camera pair
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+    """Up to ``max_objects`` videos of one (take, direction, source camera, target camera), each
+    with its own frame list; ``frames`` is their union in the source camera's (natural) order.
+    A step of the union outside an object's list is not one of its frames: its memory is not
+    touched and its frame index does not advance (see :func:`lmeec_jax.tracking.video.track_chunk`)."""
+
+    take: str
+    direction: str
+    src_cam: str
+    tgt_cam: str
+    frames: Tuple[str, ...]
+    records: Tuple[VideoRecord, ...]
+
+    @property
+    def pair(self) -> str:
+        return f"{self.src_cam}__{self.tgt_cam}"
+
+
+def group_pairs(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_OBJECTS,
+                buckets: Optional[Sequence[int]] = None, exact: bool = True) -> List[PairBatch]:
+    """Batches of videos of one (take, direction, src, tgt) whose frame lists may differ, in the
+    order of the first video of each batch.
+
+    ``exact=False``: every batch as full as ``max_objects`` allows (all the objects of a pair
+    in one batch up to ``max_objects``). ``exact`` (default): the same bits as the batches of
+    one frame list (:func:`group_videos`): XLA's CPU dots are not bit-invariant in the batch
+    size (a batch of one computes the object-score head in another order, and a larger
+    batch may shard a contraction differently), so every video keeps the batch size its
+    frame-list group had: groups of one pair that pad to the same bucket are packed
+    together while they fit in it. With the default buckets (1, 2, 4, ...) that is the
+    frame-list grouping itself; with ``--batch-buckets 8`` every object of a pair (up to
+    8) runs in one batch.
+    """
+    if max_objects < 1:
+        raise ValueError("max_objects must be >= 1")
+    groups: Dict[tuple, List[VideoRecord]] = {}
+    for r in records:
+        groups.setdefault((r.take, r.direction, r.src_cam, r.tgt_cam), []).append(r)
+    out = []
+    for (take, direction, src, tgt), recs in groups.items():
+        order = {id(r): i for i, r in enumerate(recs)}
+        if exact:
+            parts: List[List[VideoRecord]] = []
+            open_bin: Dict[int, List[VideoRecord]] = {}  # bucket -> the batch being filled
+            for g in group_videos(recs, max_objects):
+                b = bucket_size(len(g.records), max_objects, buckets)
+                cur = open_bin.get(b)
+                if cur is None or len(cur) + len(g.records) > min(b, max_objects):
+                    cur = []
+                    parts.append(cur)
+                    open_bin[b] = cur
+                cur.extend(g.records)
+        else:
+            parts = [recs[i:i + max_objects] for i in range(0, len(recs), max_objects)]
+        parts = [sorted(p, key=lambda r: order[id(r)]) for p in parts]
+        parts.sort(key=lambda p: order[id(p[0])])
+        for part in parts:
+            frames = tuple(egoexo.natsorted(set().union(*(r.frames for r in part))))
+            out.append(PairBatch(take, direction, src, tgt, frames, tuple(part)))
+    return out
+
+
+@dataclasses.dataclass
+class TakeStats:
+    """What :func:`run_take` did: frames through the encoder (padding included), encoder
+    calls, (camera, frame) features held at most at once, and model steps (chunk x batch)."""
+
+    frames_encoded: int = 0
+    encoder_calls: int = 0
+    features_peak: int = 0
+    chunks: int = 0
+
+
+class _PairRun:
+    """One :class:`PairBatch` in flight: its memory, its per-object frame indices, its outputs."""
+
+    def __init__(self, pb: PairBatch, bucket: int, annotation: dict, take_dir: str, transforms: Transforms,
+                 official_hw, frame_shape: str, keep_logits: bool):
+        self.pb = pb
+        self.B = bucket
+        ann_path = os.path.join(take_dir, egoexo.ANNOTATION_FILE)
+        self.views = [egoexo.ViewMasks(annotation, r.take, r.obj, pb.src_cam, path=ann_path) for r in pb.records]
+        self.index = [{f: i for i, f in enumerate(r.frames)} for r in pb.records]
+        self.num_frames = np.array([len(r.frames) for r in pb.records] + [1] * (bucket - len(pb.records)), np.int32)
+        self.transforms = transforms
+        self.failed: List[Optional[DataError]] = [None] * len(pb.records)
+        self.objs = [ObjectPrediction(r, logits={} if keep_logits else None) for r in pb.records]
+        self.result = BatchResult(pb, self.objs, frames=len(pb.frames))
+        self.official_hw = tuple(official_hw)
+        self.frame_shape = frame_shape
+        self.keep_logits = keep_logits
+        self.state = None
+        self.error: Optional[Exception] = None
+        self.missing_src = 0
+
+    def load(self, c: int, chunk: int, src_hw):
+        """Masks [K, B, S, S] uint8, processed [K, B], frame indices ts [K, B] of chunk ``c``."""
+        K, B, S = chunk, self.B, self.transforms.image_size
+        frames = self.pb.frames[c * K:(c + 1) * K]
+        masks = np.zeros((K, B, S, S), np.uint8)
+        processed = np.zeros((K, B), bool)
+        ts = np.zeros((K, B), np.int32)
+        for k, f in enumerate(frames):
+            for j in range(len(self.pb.records)):
+                i = self.index[j].get(f)
+                if i is None:  # not one of this object's frames: no step for it
+                    continue
+                ts[k, j] = i
+                if self.failed[j] is not None:
+                    continue
+                if f not in self.views[j]:
+                    self.missing_src += 1
+                    continue
+                try:
+                    m = self.views[j].get(f, expect_hw=src_hw)
+                except DataError as e:
+                    self.failed[j] = e
+                    processed[:, j] = False
+                    masks[:, j] = 0
+                    continue
+                if m.any():  # full-resolution emptiness decides (the reference's ego_masks)
+                    processed[k, j] = True
+                    masks[k, j] = self.transforms.source_mask(m)
+        return masks, processed, ts, frames
+
+    def consume(self, out: ChunkOut, frames: Sequence[str], out_size: int):
+        proc = np.asarray(out.processed)
+        conf = np.asarray(out.confidence)
+        m = np.asarray(out.masks)
+        same = self.official_hw == (out_size, out_size)
+        mo = m if same else np.asarray(out.official_masks)
+        low = np.asarray(out.low_res_logits) if self.keep_logits else None
+        for k, f in enumerate(frames):
+            for j, o in enumerate(self.objs):
+                if self.failed[j] is not None or f not in self.index[j]:
+                    continue
+                if not proc[k, j]:
+                    o.n_skipped += 1
+                    continue
+                off = _encode(mo[k, j])
+                o.official[f] = off
+                o.masks[f] = off if (same or self.frame_shape == "official") else _encode(m[k, j])
+                o.confidence[f] = float(conf[k, j])
+                o.area_confidence[f] = lmeec_confidence(m[k, j])
+                if self.keep_logits:
+                    o.logits[f] = low[k, j].copy()
+
+    def finish(self) -> BatchResult:
+        res = self.result
+        res.error = self.error
+        res.missing_src = self.missing_src
+        for j, o in enumerate(self.objs):
+            o.error = self.failed[j]
+            if res.error is None and o.error is None:
+                res.processed += len(o.masks)
+        return res
+
+
+def run_take(runner: ChunkRunner, split_dir: str, take: str, annotation: dict, batches: Sequence[PairBatch], *,
+             chunk: int = DEFAULT_CHUNK, buckets: Optional[Sequence[int]] = None,
+             max_objects: int = DEFAULT_MAX_OBJECTS,
+             official_hw: Optional[Callable[[str], Tuple[int, int]]] = None, frame_shape: str = "square",
+             keep_logits: bool = False, executor: Optional[cf.Executor] = None,
+             on_done: Optional[Callable[[BatchResult], None]] = None, stats: Optional[TakeStats] = None
+             ) -> List[BatchResult]:
+    """Run every :class:`PairBatch` of one take (any directions), each camera frame encoded once.
+
+    The batches advance together, chunk by chunk (``chunk`` steps of their own union frame
+    list): the next chunk run is the one whose last frame comes first, so the features of a
+    (camera, frame) are computed when a chunk first needs them (two frames per encoder call),
+    kept while another pending chunk needs them, and dropped after their last use: at most
+    about one chunk of features per batch is held, never a video's. A missing or corrupt
+    frame fails every batch that needs it (the others go on); a bad source mask fails only
+    its object. ``on_done(result)`` is called as each batch finishes (its outputs complete).
+    Returns the batches' results in the order given.
+    """
+    K = chunk
+    take_dir = os.path.join(split_dir, take)
+    transforms = Transforms(runner.image_size)
+    hw_of = official_hw or (lambda cam: (OUT_SIZE, OUT_SIZE))
+    runs = [_PairRun(pb, bucket_size(len(pb.records), max_objects, buckets), annotation, take_dir, transforms,
+                     hw_of(pb.tgt_cam), frame_shape, keep_logits) for pb in batches]
+    stats = stats if stats is not None else TakeStats()
+    # the schedule: every (batch, chunk), ordered by the chunk's last frame (then batch, chunk)
+    steps = []
+    for b, r in enumerate(runs):
+        n = max(1, math.ceil(len(r.pb.frames) / K))
+        for c in range(n):
+            fr = r.pb.frames[c * K:(c + 1) * K]
+            steps.append((egoexo.natural_key(fr[-1]) if fr else (), b, c))
+    steps.sort()
+    # features: first use (encode there) and last use (drop after) of every (camera, frame)
+    first: Dict[tuple, int] = {}
+    last: Dict[tuple, int] = {}
+    needs: List[set] = [set() for _ in runs]
+    for i, (_, b, c) in enumerate(steps):
+        pb = runs[b].pb
+        for f in pb.frames[c * K:(c + 1) * K]:
+            for key in ((pb.src_cam, f), (pb.tgt_cam, f)):
+                first.setdefault(key, i)
+                last[key] = i
+                needs[b].add(key)
+    to_encode: List[List[tuple]] = [[] for _ in steps]
+    for key, i in first.items():
+        to_encode[i].append(key)
+    for lst in to_encode:
+        lst.sort(key=lambda k: (egoexo.natural_key(k[1]), k[0]))
+    to_drop: List[List[tuple]] = [[] for _ in steps]
+    for key, i in last.items():
+        to_drop[i].append(key)
+    cam_hw: Dict[str, Tuple[int, int]] = {}
+    S = runner.image_size
+
+    def load(i: int):
+        """Host work of step i (background): the JPEGs first needed there, the chunk's masks."""
+        _, b, c = steps[i]
+        run = runs[b]
+        keys = [k for k in to_encode[i]]
+        images = np.zeros((len(keys) + len(keys) % 2, S, S, 3), np.float32)
+        good, errors = [], {}
+        for n, (cam, f) in enumerate(keys):
+            try:
+                im = open_rgb(os.path.join(take_dir, cam, f + ".jpg"), take=take, camera=cam, frame=f)
+            except DataError as e:
+                errors[(cam, f)] = e
+                continue
+            cam_hw.setdefault(cam, (im.height, im.width))
+            images[len(good)] = transforms.image(im)
+            good.append((cam, f))
+        if run.error is None and not any(k in errors for k in needs[b]):
+            inputs = run.load(c, K, cam_hw.get(run.pb.src_cam))
+        else:
+            inputs = None
+        return images[:len(good) + len(good) % 2], good, errors, inputs
+
+    cache: Dict[tuple, tuple] = {}
+    zero = None
+    pending = None  # (run, frames, ChunkOut) of the last step, consumed after the next dispatch
+    remaining = [max(1, math.ceil(len(r.pb.frames) / K)) for r in runs]
+
+    def fail_users(key, err):
+        for b, r in enumerate(runs):
+            if r.error is None and key in needs[b]:
+                r.error = err
+                r.state = None
+
+    def settle(item):
+        run, frames, out, last_chunk = item
+        if run.error is None and out is not None:
+            run.consume(out, frames, runner.out_size)
+        if last_chunk:
+            finish(run)
+
+    def finish(run):
+        res = run.finish()
+        if on_done is not None:
+            on_done(res)
+
+    done_runs = set()
+    for i, (images, good, errors, inputs) in enumerate(prefetched(load, len(steps), executor)):
+        _, b, c = steps[i]
+        run = runs[b]
+        for key, err in errors.items():
+            fail_users(key, err)
+        for q in range(0, len(good), 2):
+            feats = runner.encode(images[q:q + 2])
+            stats.encoder_calls += 1
+            stats.frames_encoded += 2
+            for n, key in enumerate(good[q:q + 2]):
+                cache[key] = feats[n]
+            if zero is None:  # the features of padding steps (no object processed there)
+                zero = tuple(jnp.zeros_like(x) for x in feats[0])
+        stats.features_peak = max(stats.features_peak, len(cache))
+        item = None
+        if run.error is None and inputs is not None:
+            masks, processed, ts, frames = inputs
+            pb = run.pb
+            pad = K - len(frames)
+            tgt = [cache[(pb.tgt_cam, f)] for f in frames] + [zero] * pad
+            src = [cache[(pb.src_cam, f)][2] for f in frames] + [zero[2]] * pad
+            if run.state is None:
+                run.state = runner.init_state(run.B)
+            run.state, low, scores, proc = runner.track(run.state, tgt, src, masks, processed, ts, run.num_frames)
+            stats.chunks += 1
+            item = (run, frames, runner.postprocess(low, scores, proc, run.official_hw), False)
+        remaining[b] -= 1
+        if remaining[b] == 0:
+            run.state = None
+            if item is None:
+                item = (run, (), None, True)
+            else:
+                item = item[:3] + (True,)
+        for key in to_drop[i]:
+            cache.pop(key, None)
+        if pending is not None:
+            settle(pending)
+        pending = item
+    if pending is not None:
+        settle(pending)
+    return [r.result for r in runs]
 
 
 # ============================================================================ official file helpers
@@ -588,6 +907,41 @@ def _no_video_reason(split_dir: str, take_names: Sequence[str], per_take, report
             "without a frame to predict)")
 
 
+DIRECTIONS = ("ego2exo", "exo2ego")
+BOTH = "both"
+
+
+@dataclasses.dataclass
+class SplitSummary:
+    """The summaries of a ``direction="both"`` run, one per direction (``.ok``, ``.lines()``)."""
+
+    summaries: Dict[str, PredictSummary]
+    stats: Optional[TakeStats] = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.summaries.values())
+
+    def lines(self) -> List[str]:
+        out = []
+        for d, s in self.summaries.items():
+            out += [f"{d}: {line}" for line in s.lines()]
+        return out
+
+
+class _Direction:
+    """What one direction of a run writes: summary, data report, run record, finished videos."""
+
+    def __init__(self, direction: str, run: dict):
+        self.direction = direction
+        self.summary = PredictSummary(direction)
+        self.report = DataReport()
+        self.run = dict(run, direction=direction)
+        self.per_take: Dict[str, List[VideoRecord]] = {}
+        self.results: Dict[str, Any] = {}
+        self.finished: Dict[str, dict] = {}
+
+
 def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk: int = DEFAULT_CHUNK,
                   max_objects: int = DEFAULT_MAX_OBJECTS, buckets: Optional[Sequence[int]] = None,
                   takes: Optional[Sequence[str]] = None,
@@ -595,10 +949,20 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
                   runner: Optional[ChunkRunner] = None, log: Callable[[str], None] = print,
                   prefetch: bool = True, frames: str = "official", confidence: str = "score",
                   shard: Optional[Tuple[int, int]] = None, run: Optional[dict] = None,
-                  overwrite: bool = False) -> PredictSummary:
-    """Predict every video of ``split_dir`` for ``direction`` and write the per-frame JSONs
-    and ``out_dir/predictions_<direction>.json``. Returns the summary (see ``.ok``).
+                  overwrite: bool = False, share_features: bool = True, exact_batches: bool = True,
+                  stats: Optional[TakeStats] = None):
+    """Predict every video of ``split_dir`` for ``direction`` (``"ego2exo"``, ``"exo2ego"``
+    or ``"both"``) and write the per-frame JSONs and ``out_dir/predictions_<direction>.json``
+    (one per direction). Returns the summary (a :class:`PredictSummary`, or for ``"both"`` a
+    :class:`SplitSummary`; see ``.ok``).
 
+    Each take runs through :func:`run_take`: every object of a camera pair in one batch (per
+    object frame indices), each (camera, frame) encoded once and shared by every batch of
+    the take (both directions with ``"both"``). ``share_features=False`` runs the videos one
+    at a time instead, each encoding its own frames (the reference's way; same outputs).
+    ``exact_batches=False``: every object of a camera pair in one batch, whatever the batch
+    size of its frame-list group was (see :func:`group_pairs`: results move in their last
+    bits, the official confidence and, rarely, a mask pixel).
     ``frames``: the videos' frame lists (:func:`lmeec_jax.data.egoexo.list_take_videos`);
     ``confidence``: ``"score"`` (sigmoid of the object score) or ``"area"`` (LM-EEC's
     ``int(area > 0.1%)`` of the 480² mask) in the official JSON. ``shard`` = (I, N): only
@@ -607,9 +971,12 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     (settings + checkpoint fingerprint) is checked against the folder's run record
     (:class:`RunMismatch` unless ``overwrite``). Raises :class:`NothingToPredict` when the
     split has no usable video. On KeyboardInterrupt the report is written (``interrupted``)
-    and the interrupt is raised again.
+    and the interrupt is raised again. ``stats``: a :class:`TakeStats` to add the encoder
+    counts to.
     """
-    egoexo.check_direction(direction)
+    directions = DIRECTIONS if direction == BOTH else (direction,)
+    for d in directions:
+        egoexo.check_direction(d)
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
     if frames not in egoexo.FRAME_LISTS:
@@ -625,77 +992,103 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     if not os.path.isdir(split_dir):
         raise DataError("not a directory", path=split_dir)
     run = dict(run or {})
-    run.update(direction=direction, frames=frames, confidence=confidence, official_shape=bool(official_shape_frames))
-    summary = PredictSummary(direction)
-    report = DataReport()
+    run.update(frames=frames, confidence=confidence, official_shape=bool(official_shape_frames))
+    dirs = {d: _Direction(d, run) for d in directions}
     t_start = time.perf_counter()
 
     take_names = shard_takes(egoexo.list_split_takes(split_dir, takes), shard)
     # listing (per take, so one bad annotation costs one take)
-    per_take: List[Tuple[str, dict, List[VideoRecord]]] = []
+    anns: Dict[str, dict] = {}
     for take in take_names:
         try:
             ann = egoexo.load_annotation(os.path.join(split_dir, take), take)
-            recs = egoexo.list_take_videos(split_dir, take, direction, annotation=ann, report=report, frames=frames)
         except DataError as e:
-            report.add(e, take=take)
-            summary.takes_failed.append({"take": take, "error": str(e)})
+            for dr in dirs.values():
+                dr.report.add(e, take=take)
+                dr.summary.takes_failed.append({"take": take, "error": str(e)})
             continue
-        per_take.append((take, ann, recs))
-    summary.videos = sum(len(r) for _, _, r in per_take)
-    summary.empty_videos = list(report.empty_videos)
-    if summary.videos == 0 and shard is None:
-        for p in summary.takes_failed:
+        for dr in dirs.values():
+            try:
+                recs = egoexo.list_take_videos(split_dir, take, dr.direction, annotation=ann, report=dr.report,
+                                               frames=frames)
+            except DataError as e:
+                dr.report.add(e, take=take)
+                dr.summary.takes_failed.append({"take": take, "error": str(e)})
+                continue
+            dr.per_take[take] = recs
+            anns[take] = ann
+    for dr in dirs.values():
+        dr.summary.videos = sum(len(r) for r in dr.per_take.values())
+        dr.summary.empty_videos = list(dr.report.empty_videos)
+    if all(dr.summary.videos == 0 for dr in dirs.values()) and shard is None:
+        dr = next(iter(dirs.values()))
+        for p in dr.summary.takes_failed:
             log(f"  take skipped: {p.get('take')}: {p['error']}")
-        raise NothingToPredict(_no_video_reason(split_dir, take_names, per_take, report))
+        per_take = [(t, anns[t], r) for t, r in dr.per_take.items()]
+        raise NothingToPredict(_no_video_reason(split_dir, take_names, per_take, dr.report))
 
     os.makedirs(out_dir, exist_ok=True)
-    check_run_record(out_dir, direction, run, overwrite)
-    sweep_unfinished(out_dir, direction, [t for t, _, _ in per_take])
+    for dr in dirs.values():
+        check_run_record(out_dir, dr.direction, dr.run, overwrite)
+    for dr in dirs.values():
+        sweep_unfinished(out_dir, dr.direction, list(dr.per_take))
     runner = runner if runner is not None else ChunkRunner(model, dtype)
-    run["precision"] = run.get("precision") or getattr(runner, "precision", None)
+    for dr in dirs.values():
+        dr.run["precision"] = dr.run.get("precision") or getattr(runner, "precision", None)
 
-    def write_report():
-        summary.seconds = time.perf_counter() - t_start
-        summary.compiled = sorted(runner.compiled)
-        write_json_atomic(os.path.join(out_dir, f"predict_report_{direction}.json"),
-                          {"summary": summary.to_json(), "run": dict(run, shard=list(shard) if shard else None),
-                           "data_report": report.to_json()})
+    def write_report(dr: _Direction):
+        dr.summary.seconds = time.perf_counter() - t_start
+        dr.summary.compiled = sorted(runner.compiled)
+        write_json_atomic(os.path.join(out_dir, f"predict_report_{dr.direction}.json"),
+                          {"summary": dr.summary.to_json(),
+                           "run": dict(dr.run, shard=list(shard) if shard else None),
+                           "data_report": dr.report.to_json()})
 
-    results: Dict[str, Any] = {}
-    finished = read_done_records(out_dir, direction)
+    for dr in dirs.values():
+        dr.finished = read_done_records(out_dir, dr.direction)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=summary.videos, desc=f"predict {direction}", unit="video", dynamic_ncols=True)
+        bar = tqdm(total=sum(dr.summary.videos for dr in dirs.values()), desc=f"predict {direction}", unit="video",
+                   dynamic_ncols=True)
     say = (lambda s: bar.write(s)) if bar is not None else log
     executor = prefetch_executor() if prefetch else None
+    stats = stats if stats is not None else TakeStats()
     try:
-        for take, ann, recs in per_take:
-            results[take] = _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summary, report,
-                                          finished, say=say, bar=bar, chunk=chunk, max_objects=max_objects, buckets=buckets,
-                                          official_shape_frames=official_shape_frames, confidence=confidence,
-                                          executor=executor, prefetch=prefetch)
+        for take in [t for t in take_names if any(t in dr.per_take for dr in dirs.values())]:
+            todo = [dr for dr in dirs.values() if take in dr.per_take]
+            out = _predict_take(runner, split_dir, out_dir, take, anns[take], todo, say=say, bar=bar, chunk=chunk,
+                                max_objects=max_objects, buckets=buckets, official_shape_frames=official_shape_frames,
+                                confidence=confidence, executor=executor, prefetch=prefetch,
+                                share_features=share_features, exact_batches=exact_batches, stats=stats)
+            for dr in todo:
+                dr.results[take] = out[dr.direction]
     except KeyboardInterrupt:
-        summary.interrupted = True
-        write_report()
+        for dr in dirs.values():
+            dr.summary.interrupted = True
+            write_report(dr)
         raise
     finally:
         if bar is not None:
             bar.close()
 
-    official = {TASK_KEYS[direction]: {"version": "xx", "challenge": "xx", "results": results}}
-    path = os.path.join(out_dir, f"predictions_{direction}.json")
-    write_json_atomic(path, official)
-    summary.official_path = path
-    write_report()
-    return summary
+    for dr in dirs.values():
+        official = {TASK_KEYS[dr.direction]: {"version": "xx", "challenge": "xx", "results": dr.results}}
+        path = os.path.join(out_dir, f"predictions_{dr.direction}.json")
+        write_json_atomic(path, official)
+        dr.summary.official_path = path
+        write_report(dr)
+    if direction == BOTH:
+        return SplitSummary({d: dr.summary for d, dr in dirs.items()}, stats)
+    return dirs[direction].summary
 
 
-def _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summary, report, finished, *, say, bar, chunk,
-                  max_objects, buckets, official_shape_frames, confidence, executor, prefetch) -> dict:
-    """Predict (or take from completion records) the videos of one take; its official entry."""
+def _predict_take(runner, split_dir, out_dir, take, ann, dirs: Sequence[_Direction], *, say, bar, chunk,
+                  max_objects, buckets, official_shape_frames, confidence, executor, prefetch, share_features,
+                  exact_batches, stats) -> Dict[str, dict]:
+    """Predict (or take from completion records) the videos of one take, for every direction
+    of ``dirs`` at once; direction -> its official entry of the take."""
     shapes: Dict[str, Tuple[int, int]] = {}
 
     def shape_of(cam):
@@ -703,30 +1096,33 @@ def _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summar
             shapes[cam] = official_target_shape(split_dir, take, ann, cam)
         return shapes[cam]
 
-    entries: Dict[Tuple[str, str], Dict[str, dict]] = {}  # (obj, "<src>_<tgt>") -> frame -> official entry
+    by_dir = {dr.direction: dr for dr in dirs}
+    entries: Dict[str, Dict[Tuple[str, str], Dict[str, dict]]] = {dr.direction: {} for dr in dirs}
 
-    def count(done: dict):
-        summary.videos_written += 1
-        summary.frames += done["frames"]
-        summary.frames_predicted += done["predicted"]
-        summary.frames_skipped += done["skipped"]
-        summary.missing_src_frames += done["missing_src"]
-        entries[(done["obj"], done["pair"])] = done["official"]
+    def count(dr: _Direction, done: dict):
+        s = dr.summary
+        s.videos_written += 1
+        s.frames += done["frames"]
+        s.frames_predicted += done["predicted"]
+        s.frames_skipped += done["skipped"]
+        s.missing_src_frames += done["missing_src"]
+        entries[dr.direction][(done["obj"], done["pair"])] = done["official"]
 
-    for batch in group_videos(recs, max_objects):
-        kept = [finished.get(r.key) for r in batch.records]
-        if all(k is not None for k in kept):
-            for done in kept:
-                count(done)
-            summary.videos_resumed += len(kept)
-            if bar is not None:
-                bar.update(len(batch.records))
-            continue
-        B = bucket_size(len(batch.records), max_objects, buckets)
-        res = run_batch(runner, split_dir, batch, ann, chunk=chunk, bucket=B,
-                        official_hw=shape_of(batch.tgt_cam),
-                        frame_shape="official" if official_shape_frames else "square",
-                        executor=executor, prefetch=prefetch)
+    todo: List[VideoRecord] = []
+    for dr in dirs:
+        for rec in dr.per_take[take]:
+            done = dr.finished.get(rec.key)
+            if done is not None:  # kept from an earlier run
+                count(dr, done)
+                dr.summary.videos_resumed += 1
+                if bar is not None:
+                    bar.update(1)
+            else:
+                todo.append(rec)
+
+    def commit(res: BatchResult):
+        dr = by_dir[res.batch.records[0].direction]
+        summary, report = dr.summary, dr.report
         committed: List[dict] = []
         for o in res.objects:
             err = res.error or o.error
@@ -742,34 +1138,52 @@ def _predict_take(runner, split_dir, out_dir, direction, take, ann, recs, summar
                 continue
             write_video(out_dir, o)
             committed.append({"key": rec.key, "take": take, "obj": rec.obj, "pair": f"{rec.src_cam}_{rec.tgt_cam}",
-                              "frames": len(batch.frames), "predicted": len(o.masks), "skipped": o.n_skipped,
+                              "frames": len(rec.frames), "predicted": len(o.masks), "skipped": o.n_skipped,
                               "missing_src": len(rec.src_missing), "official": _video_entries(o, confidence)})
         if committed:  # the batch's commit: one record, written after its folders
-            write_json_atomic(done_path(out_dir, direction, [r.key for r in batch.records]), {"videos": committed})
+            write_json_atomic(done_path(out_dir, dr.direction, [r.key for r in res.batch.records]),
+                              {"videos": committed})
             for done in json.loads(json.dumps(committed)):  # what a resumed run reads back
-                count(done)
+                count(dr, done)
         if bar is not None:
-            bar.update(len(batch.records))
-    # official entry of this take
-    masks_out: Dict[str, Any] = {}
+            bar.update(len(res.batch.records))
+
+    frame_shape = "official" if official_shape_frames else "square"
+    if share_features:
+        run_take(runner, split_dir, take, ann, group_pairs(todo, max_objects, buckets, exact=exact_batches), chunk=chunk, buckets=buckets,
+                 max_objects=max_objects, official_hw=shape_of, frame_shape=frame_shape,
+                 executor=executor if prefetch else None, on_done=commit, stats=stats)
+    else:  # one video at a time, its frames encoded inside its own chunks
+        for rec in todo:
+            batch = VideoBatch(rec.take, rec.src_cam, rec.tgt_cam, tuple(rec.frames), (rec,))
+            before = runner.encoder_calls, runner.frames_encoded
+            commit(run_batch(runner, split_dir, batch, ann, chunk=chunk, bucket=1, official_hw=shape_of(rec.tgt_cam),
+                             frame_shape=frame_shape, executor=executor, prefetch=prefetch))
+            stats.encoder_calls += runner.encoder_calls - before[0]
+            stats.frames_encoded += runner.frames_encoded - before[1]
+    # official entries of this take
+    out: Dict[str, dict] = {}
     empty_cache: Dict[Tuple[int, int], dict] = {}
-    for obj, pairs in _take_skeleton(ann, direction).items():
-        mo: Dict[str, Any] = {}
-        masks_out[obj] = mo
-        for pair, (src, tgt, src_frames) in pairs.items():
-            hw = shape_of(tgt)
-            p = entries.get((obj, pair)) or {}
-            fr: Dict[str, Any] = {}
-            for f in src_frames:
-                if f in p:
-                    fr[f] = p[f]
-                else:
-                    if hw not in empty_cache:
-                        empty_cache[hw] = encode_mask(np.zeros(hw, np.uint8))
-                    fr[f] = {"pred_mask": empty_cache[hw], "confidence": 0.0}
-                    summary.official_filled += 1
-            mo[pair] = fr
-    return {"masks": masks_out, "subsample_idx": list(ann.get("subsample_idx") or [])}
+    for dr in dirs:
+        masks_out: Dict[str, Any] = {}
+        for obj, pairs in _take_skeleton(ann, dr.direction).items():
+            mo: Dict[str, Any] = {}
+            masks_out[obj] = mo
+            for pair, (src, tgt, src_frames) in pairs.items():
+                hw = shape_of(tgt)
+                p = entries[dr.direction].get((obj, pair)) or {}
+                fr: Dict[str, Any] = {}
+                for f in src_frames:
+                    if f in p:
+                        fr[f] = p[f]
+                    else:
+                        if hw not in empty_cache:
+                            empty_cache[hw] = encode_mask(np.zeros(hw, np.uint8))
+                        fr[f] = {"pred_mask": empty_cache[hw], "confidence": 0.0}
+                        dr.summary.official_filled += 1
+                mo[pair] = fr
+        out[dr.direction] = {"masks": masks_out, "subsample_idx": list(ann.get("subsample_idx") or [])}
+    return out
 
 
 # ============================================================================ merging shards

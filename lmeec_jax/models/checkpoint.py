@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -227,6 +228,18 @@ def _swap_in(new: Path, out: Path) -> Path | None:
     return old
 
 
+def _remove_work(work: Path, settle_s: float = 5.0) -> None:
+    """Remove a failed save's work folder. After a refused write, tensorstore's pending writes of
+    other arrays may still create files there for a moment: remove until it stays gone (two
+    checks 0.1 s apart) or ``settle_s`` passes."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        shutil.rmtree(work, ignore_errors=True)
+        time.sleep(0.1)
+        if not work.exists() or time.monotonic() > deadline:
+            return
+
+
 def save_model(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike, *, overwrite: bool = True,
                overwrite_other: bool = False) -> Path:
     """Write ``model``'s parameters and ``cfg`` as the model directory ``out_dir`` (parents are
@@ -248,7 +261,7 @@ def save_model(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike, 
         (work / CONFIG_FILE).write_text(cfg.to_json())
         old = _swap_in(work, out)
     except BaseException as e:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work(work)
         if isinstance(e, OSError) and not isinstance(e, ModelDirError):
             raise ModelDirError(out, f"cannot save the model: {e.strerror or e} (nothing changed there)",
                                 e.errno) from e

@@ -58,7 +58,7 @@ def layer_norm_2d(num_channels: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nn
     return nnx.LayerNorm(num_channels, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
-def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1):
+def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1, dtype=None):
     """2-D convolution (NHWC, kernel HWIO) written as shifted slices + one matmul.
 
     Same maths as ``lax.conv_general_dilated``; the point is the backward pass: XLA:CPU
@@ -66,12 +66,14 @@ def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)),
     loop (the memory encoder's stride-2 mask convs and 7x7 depthwise conv took ~60 % of a
     training step of the small model), while here every gradient is a matmul, a pad or
     an elementwise product. Grouped convolutions other than depthwise use the lax path.
+    ``dtype``: the compute dtype (inputs, kernel and bias cast to it; mixed precision, see
+    :mod:`lmeec_jax.models.precision`); None: the promoted dtype of ``x`` and ``kernel``.
     """
     kh, kw, cin_g, cout = kernel.shape
     lead = x.shape[:-3]
     x = x.reshape((-1,) + x.shape[-3:])
     n, H, W, cin = x.shape
-    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    dtype = jnp.result_type(x.dtype, kernel.dtype) if dtype is None else jnp.dtype(dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     (p0, p1), (q0, q1) = padding
     sh, sw = strides
@@ -100,14 +102,14 @@ def conv2d_apply(x, kernel, bias=None, strides=(1, 1), padding=((0, 0), (0, 0)),
 
 class Conv2d(nnx.Conv):
     """``nnx.Conv`` (same parameters ``kernel``/``bias``, same names) computed by
-    :func:`conv2d_apply`."""
+    :func:`conv2d_apply` (in ``self.dtype`` when set, as ``nnx.Conv``)."""
 
     def __call__(self, inputs):
         pad = self.padding
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         bias = self.bias[...] if self.bias is not None else None
         return conv2d_apply(inputs, self.kernel[...], bias, strides, tuple(tuple(p) for p in pad),
-                            self.feature_group_count)
+                            self.feature_group_count, dtype=self.dtype)
 
 
 def conv2d(in_ch, out_ch, kernel_size, stride=1, padding=0, *, rngs, groups=1, use_bias=True):

@@ -372,7 +372,7 @@ class Hiera(nnx.Module):
     def __call__(self, x, *, remat_blocks: bool = False):
         """``remat_blocks``: each block under ``jax.checkpoint`` (recomputed in the backward pass)."""
         x = self.patch_embed(x)
-        x = x + self._get_pos_embed(x.shape[1:3]).astype(x.dtype)
+        x = x + self._get_pos_embed(x.shape[1:3])  # float32 table: promotes as torch (autocast) does
         outputs = []
         for i, blk in enumerate(self.blocks):
             x = _remat_block(blk, x) if remat_blocks else blk(x)

@@ -35,12 +35,16 @@ class ConvTranspose2x2(nnx.Module):
             jax.random.uniform(key_w, (in_channels, out_channels, 2, 2), jnp.float32, -bound, bound)
         )
         self.bias = nnx.Param(jax.random.uniform(key_b, (out_channels,), jnp.float32, -bound, bound))
+        self.dtype = None  # compute dtype (mixed precision, models/precision.py); None: promoted
 
     def __call__(self, x):
         b, h, w, _ = x.shape
         o = self.weight.shape[1]
-        y = jnp.einsum("bhwc,cokl->bhkwlo", x, self.weight[...])
-        return y.reshape(b, 2 * h, 2 * w, o) + self.bias[...]
+        wt, bias = self.weight[...], self.bias[...]
+        if self.dtype is not None:
+            x, wt, bias = x.astype(self.dtype), wt.astype(self.dtype), bias.astype(self.dtype)
+        y = jnp.einsum("bhwc,cokl->bhkwlo", x, wt)
+        return y.reshape(b, 2 * h, 2 * w, o) + bias
 
 
 class MaskDecoder(nnx.Module):
@@ -116,6 +120,9 @@ class MaskDecoder(nnx.Module):
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
         self.dynamic_multimask_stability_thresh = dynamic_multimask_stability_thresh
+        # dtype of the mask-logit product's result (mixed precision: float32, accumulated in
+        # float32 from bf16 operands); None: that of the operands
+        self.logits_dtype = None
 
     def __call__(
         self,
@@ -215,7 +222,10 @@ class MaskDecoder(nnx.Module):
         hyper_in = jnp.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
         )  # [B, T, C/8]
-        masks = jnp.einsum("btc,bhwc->bhwt", hyper_in, up)
+        if self.logits_dtype is None:
+            masks = jnp.einsum("btc,bhwc->bhwt", hyper_in, up)
+        else:
+            masks = jnp.einsum("btc,bhwc->bhwt", hyper_in, up, preferred_element_type=self.logits_dtype)
 
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.pred_obj_scores:

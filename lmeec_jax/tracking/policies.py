@@ -35,7 +35,7 @@ class MemoryRead(NamedTuple):
     ptrs: jax.Array  # [B, P, C] target-view object pointers
     ptr_tdiff: jax.Array  # [B, P] int32 frame distance (0 where invalid)
     ptr_valid: jax.Array  # [B, P] bool
-    t_diff_max: jax.Array  # () pointer temporal-encoding normaliser
+    t_diff_max: jax.Array  # () or [B, 1] pointer temporal-encoding normaliser (per object at inference)
     has_memory: jax.Array  # [B] bool: fuse with MV_MoE (else the view expert alone)
 
 
@@ -53,7 +53,8 @@ class NewMemory(NamedTuple):
 class CompressedDualMemory:
     """Inference: LM-EEC's compressed dual memory bank (``memory.advance`` / ``commit``).
 
-    ``num_frames``: the video length (pointer window), may be traced; ``diff_dtype``: the
+    ``num_frames``: the video length (pointer window), may be traced, () or [B] (one per object:
+    objects of one batch may have frame lists of different lengths); ``diff_dtype``: the
     dtype of the compression distances (``memory.AUTOCAST`` mirrors a bf16-autocast run).
     """
 
@@ -68,27 +69,33 @@ class CompressedDualMemory:
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), one)
 
     def read(self, state, t, processed, tpos_table):
+        """``t``: the frame index, () or [B] (each object's index in its own frame list);
+        ``num_frames`` likewise () or [B]."""
         c = self.cfg
         nm, mp = c.num_maskmem, c.max_obj_ptrs_in_encoder
-        state, _ = jax.vmap(lambda s, p: mem.advance(s, t, p, num_maskmem=nm, diff_dtype=self.diff_dtype))(
-            state, processed)
+        B = processed.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (B,))
+        nf = jnp.broadcast_to(jnp.asarray(self.num_frames, jnp.int32), (B,))
+        state, _ = jax.vmap(lambda s, tt, p: mem.advance(s, tt, p, num_maskmem=nm, diff_dtype=self.diff_dtype))(
+            state, t, processed)
         S = state.src.valid.shape[1]
         tpos = tpos_table[mem.bank_tpos_index(S, nm)]  # [S, mem]: list position i -> nm - 2 - i
-        tdiff, pvalid, tmax = jax.vmap(lambda s: mem.pointer_tdiff(s, t, self.num_frames, max_obj_ptrs=mp))(state)
+        tdiff, pvalid, tmax = jax.vmap(lambda s, tt, n: mem.pointer_tdiff(s, tt, n, max_obj_ptrs=mp))(state, t, nf)
         both = lambda a, b: jnp.concatenate([a, b], axis=1)
         read = MemoryRead(
             feats=both(state.src.feats, state.tgt.feats),
             pos=both(state.src.pos + tpos[None, :, None, :].astype(state.src.pos.dtype),
                      state.tgt.pos + tpos[None, :, None, :].astype(state.tgt.pos.dtype)),
             valid=both(state.src.valid, state.tgt.valid),
-            ptrs=state.ptr.feats, ptr_tdiff=tdiff, ptr_valid=pvalid, t_diff_max=tmax[0],
+            ptrs=state.ptr.feats, ptr_tdiff=tdiff, ptr_valid=pvalid, t_diff_max=tmax[:, None],
             has_memory=jnp.any(state.src.valid, 1) & (jnp.any(state.tgt.valid, 1) | jnp.any(pvalid, 1)),
         )
         return state, read
 
     def write(self, state, t, new: NewMemory, processed):
-        return jax.vmap(lambda s, sm, sp, tm, tp, op, p: mem.commit(s, t, sm, sp, tm, tp, op, p))(
-            state, new.src, new.src_pos, new.tgt, new.tgt_pos, new.obj_ptr, processed)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), processed.shape)
+        return jax.vmap(lambda s, tt, sm, sp, tm, tp, op, p: mem.commit(s, tt, sm, sp, tm, tp, op, p))(
+            state, t, new.src, new.src_pos, new.tgt, new.tgt_pos, new.obj_ptr, processed)
 
 
 @dataclass(frozen=True)

@@ -151,10 +151,20 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class RuntimeSection:
-    distributed: bool = False  # jax.distributed.initialize() (multi-host; also on JAX_COORDINATOR_ADDRESS)
-    num_devices: Optional[int] = None  # use only the first N devices (default all)
+    # More than one process (see lmeec_jax.training.trainer.setup_runtime): jax.distributed.initialize()
+    # runs when ``distributed`` is true, when a coordinator / process count > 1 is given here or in
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or when jax detects a cluster of
+    # more than one process on its own (SLURM srun, Open MPI, Cloud TPU pod slices, GKE).
+    distributed: bool = False  # jax.distributed.initialize() even without a coordinator (auto-detected cluster)
+    coordinator_address: Optional[str] = None  # HOST:PORT of process 0 (CLI --coordinator)
+    num_processes: Optional[int] = None  # CLI --num-processes
+    process_id: Optional[int] = None  # CLI --process-id (0 .. num_processes-1)
+    heartbeat_timeout_s: int = 100  # a process silent this long counts as dead (raise on starved CPUs)
+    num_devices: Optional[int] = None  # use only the first N devices (default all; N/processes per process)
     compilation_cache: Optional[str] = None  # persistent XLA compilation cache directory
     progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True  # TensorBoard event files in <workdir>/tensorboard (process 0)
+    tensorboard_images: int = 3  # overlay images written to TensorBoard at each validation
 
 
 @dataclass(frozen=True)
@@ -513,6 +523,17 @@ def validate(cfg: Config, *, check_paths: bool = False) -> Config:
     at_least("eval.chunk", 1)
     at_least("eval.overlays", 0)
     at_least("runtime.num_devices", 1, optional=True)
+    at_least("runtime.num_processes", 1, optional=True)
+    at_least("runtime.process_id", 0, optional=True)
+    at_least("runtime.tensorboard_images", 0)
+    at_least("runtime.heartbeat_timeout_s", 1)
+    r = cfg.runtime
+    if r.num_processes is not None and r.process_id is not None:
+        need(r.process_id < r.num_processes, "runtime.process_id", f"must be < runtime.num_processes ({r.num_processes})")
+    if r.coordinator_address is not None:
+        host, _, port = r.coordinator_address.rpartition(":")
+        need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "runtime.coordinator_address",
+             f"{r.coordinator_address!r} is not HOST:PORT")
     if check_paths:
         if m.init_from and not Path(m.init_from).expanduser().is_dir():
             problems.append(f"model.init_from: {m.init_from}: no such model directory")

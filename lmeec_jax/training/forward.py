@@ -30,10 +30,10 @@ builds the compact lists exactly as the reference does (the test oracle).
 
 Everything is a pure function of ``(graphdef, params, rngs, rest, batch)``: the module is
 merged inside (also inside the scan body, so dropout streams are carried through the scan
-and ``jax.checkpoint`` can wrap a frame). Mixed precision: parameters stay float32; with
-``dtype=bfloat16`` a bf16 copy is used for compute (image encoder, memory encoder, memory
-attention and SAM heads run in bf16; softmax, LayerNorm statistics, mask logits and the
-loss stay float32).
+and ``jax.checkpoint`` can wrap a frame). Mixed precision (``dtype=bfloat16``): the CUDA
+autocast-like policy of :mod:`lmeec_jax.models.precision` - float32 master parameters used
+as they are, bf16 inputs to every matmul / conv, float32 LayerNorms, softmax, positional
+tables, mask logits and loss; image features and the memory window are kept in bf16.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmeec_jax.models.precision import autocast_graphdef
 from lmeec_jax.models.sam2 import SAM2Model
 from lmeec_jax.tracking.frame_step import FrameInput, frame_step
 from lmeec_jax.tracking.policies import TrainingWindow
@@ -173,14 +174,14 @@ def clip_forward(graphdef, params, rngs, rest, batch: ClipBatch, fcfg: TrainForw
     """The training forward pass. Returns ``(ClipOutputs, rngs_after)``.
 
     ``graphdef, params, rngs, rest`` come from :func:`split_model` of a model in training
-    mode (``model.train()``: dropout and drop-path on) or eval mode. Parameters are cast to
-    the compute dtype here; gradients w.r.t. ``params`` are float32. Each frame is
+    mode (``model.train()``: dropout and drop-path on) or eval mode. A compute dtype other
+    than float32 sets the mixed-precision policy on the graphdef (parameters stay float32, so
+    gradients w.r.t. ``params`` are float32). Each frame is
     :func:`lmeec_jax.tracking.frame_step.frame_step` over the :class:`TrainingWindow` memory.
     """
     dtype = fcfg.compute_dtype
-    cparams = cast_floating(params, dtype)
-    crest = cast_floating(rest, dtype)
-    merge = lambda r: nnx.merge(graphdef, cparams, r, crest)
+    graphdef = autocast_graphdef(graphdef, params, rngs, rest, dtype=dtype)  # float32: unchanged
+    merge = lambda r: nnx.merge(graphdef, params, r, rest)
     cfg = merge(rngs).cfg
     B, T = batch.src_images.shape[:2]
     policy = TrainingWindow(cfg, T)

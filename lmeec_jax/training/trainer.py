@@ -125,13 +125,81 @@ def local_copy(tree):
 _RUNTIME_DONE = False
 
 
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or not v.strip():
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+_AUTO_CLUSTERS = ("SlurmCluster", "OmpiCluster", "GkeTpuCluster", "GceTpuCluster")
+
+
+def detected_process_count() -> Optional[int]:
+    """The process count of a cluster that ``jax.distributed.initialize()`` recognises on its own
+    (SLURM ``srun``, Open MPI ``mpirun``, Cloud TPU VMs / pod slices, GKE TPU), or None when
+    there is none. Uses jax's own cluster detection; a failure there counts as none."""
+    try:
+        from jax._src import clusters
+    except Exception:  # noqa: BLE001 - private API moved: fall back to the environment
+        clusters = None
+    if clusters is not None:
+        try:
+            for env in clusters.ClusterEnv._cluster_types:
+                if env.__name__ not in _AUTO_CLUSTERS or getattr(env, "opt_in_only_method", False):
+                    continue  # Kubernetes (an API query) / mpi4py: only with --distributed
+                if env.is_env_present():
+                    if env.__name__ == "SlurmCluster":  # the tasks srun launched (not the allocation's)
+                        n = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+                        return int(n) if n.isdigit() else None
+                    return int(env.get_process_count())
+            return None
+        except Exception:  # noqa: BLE001
+            pass
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        n = os.environ.get(var, "")
+        if n.isdigit():
+            return int(n)
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+    return len(hosts.split(",")) if hosts else None
+
+
+def distributed_args(rcfg) -> Optional[dict]:
+    """The ``jax.distributed.initialize`` arguments of this run, or None for a single process.
+
+    Explicit settings win: ``runtime.coordinator_address`` / ``num_processes`` / ``process_id``
+    (CLI ``--coordinator`` / ``--num-processes`` / ``--process-id``), else the environment
+    variables ``JAX_COORDINATOR_ADDRESS`` (read by jax itself), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. Whatever is left unset, jax detects (SLURM, Open MPI, TPU pods). Without
+    any of them, ``runtime.distributed`` or a detected cluster of more than one process
+    initialises with jax's detection alone."""
+    coord = rcfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    n = rcfg.num_processes if rcfg.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = rcfg.process_id if rcfg.process_id is not None else _env_int("JAX_PROCESS_ID")
+    explicit = coord is not None or (n is not None and n > 1) or pid is not None
+    if not (explicit or rcfg.distributed):
+        detected = detected_process_count()
+        if detected is None or detected <= 1:
+            return None
+    if n == 1 and coord is None and not rcfg.distributed:
+        return None
+    return {"coordinator_address": coord, "num_processes": n, "process_id": pid}
+
+
 def setup_runtime(rcfg) -> None:
-    """Multi-host init and the persistent compilation cache (once per process)."""
+    """Multi-process init (:func:`distributed_args`) and the persistent compilation cache (once
+    per process; before anything touches a JAX backend). Cross-process collectives of the CPU
+    backend use gloo (``jax_cpu_collectives_implementation``, jax's default)."""
     global _RUNTIME_DONE
     if _RUNTIME_DONE:
         return
-    if rcfg.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    args = distributed_args(rcfg)
+    if args is not None and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**{k: v for k, v in args.items() if v is not None},
+                                   heartbeat_timeout_seconds=int(rcfg.heartbeat_timeout_s))
     if rcfg.compilation_cache:
         os.makedirs(rcfg.compilation_cache, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(rcfg.compilation_cache))
@@ -140,12 +208,58 @@ def setup_runtime(rcfg) -> None:
 
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:
-    devices = jax.devices()
+    """The 1-D ``data`` mesh over all processes' devices, ordered by process: process ``p``'s
+    devices hold the consecutive rows ``p * host_batch ...`` of the global batch, the rows of its
+    data shard (:func:`lmeec_jax.data.pipeline.make_train_dataset`), so the global batch is the
+    same for any process count. ``num_devices``: the first ``num_devices / process_count`` local
+    devices of each process."""
+    P_ = jax.process_count()
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices is not None:
         if num_devices > len(devices):
             raise ValueError(f"{num_devices} devices requested, {len(devices)} available")
-        devices = devices[:num_devices]
+        if num_devices % P_:
+            raise ValueError(f"runtime.num_devices {num_devices} is not divisible by the {P_} processes")
+        per = num_devices // P_
+        devices = [d for p in range(P_) for d in [x for x in devices if x.process_index == p][:per]]
     return Mesh(np.asarray(devices), ("data",))
+
+
+def put_replicated(tree, sharding: NamedSharding):
+    """A pytree of this process's arrays (the same values in every process) as global arrays of
+    the replicated ``sharding``. Multi-process, each process fills its own devices' copies
+    (``jax.device_put`` would compare every leaf across processes); PRNG keys go as key data."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if not isinstance(x, (jax.Array, np.ndarray)) and not np.isscalar(x):
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def sync(name: str) -> None:
+    """A barrier of all processes (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_processes(x: np.ndarray) -> np.ndarray:
+    """``x`` of every process, stacked on a new leading axis (process order); ``x[None]`` alone."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
 # ----------------------------------------------------------------------------- data
@@ -250,6 +364,11 @@ class Trainer:
         self.stop = stop
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        setup_runtime(cfg.runtime)  # jax.distributed first: orbax and the mesh need the process group
+        self.is_main = jax.process_index() == 0
+        if not self.is_main:  # one voice: process 0 logs (errors still raise in every process)
+            self.log = log = lambda *a, **k: None
+        self.tb = None
 
         # ---- checkpoints, and the saved config of the run to resume (before any work)
         self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep,
@@ -258,8 +377,6 @@ class Trainer:
         if resume == "required" and latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.workdir / 'checkpoints'}")
         self._check_saved_config(latest, resume_changed)
-        setup_runtime(cfg.runtime)
-        self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(cfg.runtime.num_devices)
         self.n_devices = self.mesh.devices.size
         self.replicated = NamedSharding(self.mesh, P())
@@ -271,7 +388,13 @@ class Trainer:
         if train_dir is None:
             if not dc.synthetic.enabled:
                 raise ValueError("data.train_dir is not set (or enable data.synthetic)")
-            train_dir, syn_val = prepare_synthetic(cfg, self.workdir, log)
+            # process 0 generates first; the others then find the takes written (shared file
+            # system) or write their own copy (one per host)
+            if not self.is_main:
+                sync("lmeec_synthetic_data")
+            train_dir, syn_val = prepare_synthetic(cfg, self.workdir, log if self.is_main else (lambda *a: None))
+            if self.is_main:
+                sync("lmeec_synthetic_data")
             val_dir = val_dir or syn_val
             self._check_stop("while generating the synthetic data")
         self.train_dir, self.val_dir = train_dir, val_dir
@@ -299,8 +422,8 @@ class Trainer:
         self.tx = make_optimizer(params, cfg.optim, self.total_steps)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "rest": rest}
         self.state_sharding = jax.tree.map(lambda _: self.replicated, state)
-        self.state = jax.device_put(state, self.state_sharding)
-        self.rngs = jax.device_put(self.rngs, jax.tree.map(lambda _: self.replicated, self.rngs))
+        self.state = put_replicated(state, self.replicated)
+        self.rngs = put_replicated(self.rngs, self.replicated)
         self.fcfg = LT.TrainForwardConfig(dtype=cfg.model.dtype, remat_blocks=cfg.model.remat_blocks,
                                           remat_frames=cfg.model.remat_frames)
         step_fn = make_train_step(self.graphdef, self.tx, self.fcfg, cfg.loss, cfg.train.seed)
@@ -321,23 +444,57 @@ class Trainer:
         # ---- resume (the newest readable checkpoint)
         self.resumed_from = None
         if latest is not None:
-            latest, state = self.ckpt.restore_latest(abstract_like(self.state), self.data_iter, log)
+            # a checkpoint of another process count has no iterator state of this process: the
+            # data stream is a function of the step alone, so the iterator seeks to that step
+            same_layout = self._has_data_state(latest)
+            latest, state = self.ckpt.restore_latest(abstract_like(self.state), self.data_iter if same_layout else None,
+                                                     log)
             if latest is not None:
                 self.state = state
                 self.resumed_from = latest
-                log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
+                if not same_layout:
+                    self._seek_data(latest)
+                log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})"
+                    + ("" if same_layout else f"; data iterator set to step {latest} (checkpoint of another process count)"))
         if self.is_main:
             self._write_config()
+            if cfg.runtime.tensorboard:
+                from lmeec_jax.training.summaries import TensorBoardWriter
+
+                self.tb = TensorBoardWriter(self.workdir / "tensorboard")
         self.skipped = self.clips_read = 0
         self.validator = None
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.schedules = {"lr": cosine_schedule(cfg.optim.base_lr, cfg.optim.base_end, self.total_steps),
                           "lr_vision": cosine_schedule(cfg.optim.vision_lr, cfg.optim.vision_end, self.total_steps)}
         log(f"{len(self.records)} training videos, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
-            f"global batch {self.global_batch} on {self.n_devices} device(s) ({jax.default_backend()}), "
+            f"global batch {self.global_batch} on {self.n_devices} device(s) ({jax.default_backend()}"
+            + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "") + "), "
             f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f} M params")
 
     # ------------------------------------------------------------------ helpers
+    def _has_data_state(self, step: int) -> bool:
+        """Whether checkpoint ``step`` holds this process's iterator state (same process count),
+        or has no iterator state of any layout (then the restore reports it)."""
+        d = self.ckpt.step_path(step) / "data"
+        mine = d / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return mine.is_file() or not any(d.glob("process_*-of-*.json"))
+
+    def _seek_data(self, step: int) -> None:
+        """Put the (fresh) data iterator at ``step``: batch ``step`` is the next one read."""
+        st = self.data_iter.get_state()
+        if "next_index" in st:  # threads only
+            st = {**st, "next_index": int(step)}
+        elif "iterators_in_use_states" in st:  # worker processes: batch b is worker b % W's
+            W = len(st["iterators_in_use_states"])
+            st = {**st, "next_index_in_cycle": int(step) % W,
+                  "iterators_in_use_states": [{**w, "next_index": (int(step) - k + W - 1) // W}
+                                              for k, w in enumerate(st["iterators_in_use_states"])]}
+        else:
+            raise CheckpointError(f"checkpoint {self.ckpt.step_path(step)}: written by another process count, "
+                                  f"and the data iterator's state {sorted(st)} cannot be set to step {step}")
+        self.data_iter.set_state(st)
+
     def _check_saved_config(self, latest: Optional[int], resume_changed: bool) -> None:
         """Resuming (a checkpoint is there) with another model / recipe than the saved
         ``config.yaml``: :class:`ConfigChanged`, unless ``resume_changed``."""
@@ -398,10 +555,34 @@ class Trainer:
         except Exception as e:  # grain re-raises the sampler's error (possibly wrapped)
             raise DataFault(f"training data {self.train_dir}: {error_line(e)}") from e
 
-    def _count_skips(self, local: dict, step: int) -> None:
-        """Clips dropped for bad data (``skipped`` of each clip); too many stops the run."""
+    def _stop_requested(self) -> bool:
+        """A SIGINT / SIGTERM arrived (in any process: all of them stop at the same step)."""
+        signum = self.stop.signum if self.stop is not None else None
+        if jax.process_count() == 1:
+            return signum is not None
+        flags = all_processes(np.asarray([signum or 0], np.int32)).ravel()
+        if flags.any() and signum is None:  # another process was signalled: stop with it
+            if self.stop is None:
+                self.stop = StopRequest()
+            self.stop.signum = int(flags[flags > 0][0])
+        return bool(flags.any())
+
+    def _global_ints(self, local: dict) -> dict:
+        """The per-clip integers of the global batch (process order): ``skipped``, and with
+        ``train.log_data`` the clip ids; each process holds its own shard only."""
+        keys = ["skipped"] + (["index", "video", "start"] if self.cfg.train.log_data else [])
+        n = len(np.asarray(local["src_images"]))
+        rows = np.stack([np.asarray(local.get(k, np.zeros(n, np.int64))).reshape(n) for k in keys]).astype(np.int32)
+        rows = all_processes(rows)  # [P, K, n]
+        return {k: np.concatenate(list(rows[:, i])) for i, k in enumerate(keys)}
+
+    def _count_skips(self, local: dict, step: int, skipped=None) -> None:
+        """Clips dropped for bad data (``skipped`` of each clip of the global batch); too many
+        stops the run."""
         tc = self.cfg.train
-        skipped = np.asarray(local.get("skipped", np.zeros(0, np.int64)))
+        if skipped is None:
+            skipped = local.get("skipped", np.zeros(0, np.int64))
+        skipped = np.asarray(skipped)
         self.skipped += int(skipped.sum())
         self.clips_read += int(skipped.size + skipped.sum())
         if self.clips_read >= tc.skip_min_clips and self.skipped > tc.max_skip_rate * self.clips_read:
@@ -446,17 +627,46 @@ class Trainer:
                                        chunk=self.cfg.eval.chunk, log=self.log)
         return self.validator
 
-    def evaluate(self, *, baseline: bool = False, overlays: int = 0, params=None) -> Optional[dict]:
+    def evaluate(self, *, baseline: bool = False, overlays: int = 0, params=None, overlay_dir=None,
+                 tb_step: Optional[int] = None) -> Optional[dict]:
+        """Validation scores (main process; None elsewhere). ``overlays`` PNGs go to
+        ``overlay_dir`` (default ``<workdir>/overlays``). ``tb_step``: also write the scores and
+        the first ``runtime.tensorboard_images`` overlays to TensorBoard at that step."""
         val = self.get_validator()
         if val is None or not self.is_main:
             return None
         t0 = time.time()
         params = self.state["params"] if params is None else params
+        overlay_dir = Path(overlay_dir) if overlay_dir is not None else self.workdir / "overlays"
         res = val.evaluate(*local_copy((params, self.rngs, self.state["rest"])),
-                           baseline=baseline, overlay_dir=self.workdir / "overlays" if overlays else None,
+                           baseline=baseline, overlay_dir=overlay_dir if overlays else None,
                            overlays=overlays)
         res["time_s"] = round(time.time() - t0, 1)
+        if self.tb is not None and tb_step is not None:
+            written = sorted(p for p in overlay_dir.glob("*.png") if p.stat().st_mtime >= t0 - 1) if overlays else []
+            self.tb.eval(tb_step, res, written[: self.cfg.runtime.tensorboard_images])
+            self.tb.flush()
         return res
+
+    def _tb_overlays(self, step: int, final: bool = False) -> dict:
+        """``evaluate`` arguments for the overlays of a validation at ``step``: the final one
+        writes ``eval.overlays`` PNGs to ``<workdir>/overlays``; the others (and a final one
+        without) write ``runtime.tensorboard_images`` to ``<workdir>/overlays/step_<step>`` when
+        TensorBoard is on."""
+        if final and self.cfg.eval.overlays:
+            return {"overlays": self.cfg.eval.overlays, "tb_step": step}
+        n = self.cfg.runtime.tensorboard_images if self.tb is not None else 0
+        return {"overlays": n, "overlay_dir": self.workdir / "overlays" / f"step_{step:06d}", "tb_step": step}
+
+    def export_model(self, out=None) -> Optional[Path]:
+        """The current parameters as a model directory (``<workdir>/model`` by default), the
+        format ``python -m convert`` writes: ``eval predict|track --checkpoint`` and
+        ``Predictor.load`` read it. Main process only; replaced atomically."""
+        if not self.is_main:
+            return None
+        params, rngs, rest = local_copy((self.state["params"], self.rngs, self.state["rest"]))
+        model = nnx.merge(self.graphdef_eval, params, rngs, rest)
+        return model_ckpt.save_model(model, self.model_cfg, self.workdir / "model" if out is None else out)
 
     def save(self, force: bool = False) -> None:
         step = self.step
@@ -473,7 +683,7 @@ class Trainer:
         step = self.step
         initial = None
         if cfg.eval.initial and step == 0 and self.val_dir:
-            initial = self.evaluate(baseline=False)
+            initial = self.evaluate(baseline=False, **self._tb_overlays(0))
             if initial is not None:
                 write_json_atomic(self.workdir / "eval_initial.json", initial, indent=2)
                 self.log(f"before training: IoU {initial['model']['iou']:.4f}")
@@ -487,11 +697,12 @@ class Trainer:
         try:
             stop = self.total_steps if until is None else min(until, self.total_steps)
             while step < stop:
-                if self.stop is not None and self.stop.signum is not None:
+                if self._stop_requested():
                     self._stop_now()
                 self.ckpt.check()  # a failed background save stops the run at once
                 local = self._next_batch()
-                self._count_skips(local, step)
+                ints = self._global_ints(local)
+                self._count_skips(local, step, ints["skipped"])
                 if tc.debug_nan_step is not None and step == tc.debug_nan_step:
                     local = {**local, "src_images": np.full_like(local["src_images"], np.nan)}
                 batch = self._global_batch(local)
@@ -509,9 +720,9 @@ class Trainer:
                     raise NonFiniteLoss(msg)
                 n_last += 1
                 if tc.log_data:
-                    self._write({"step": step, "data": [int(i) for i in np.asarray(local["index"])],
-                                 "videos": [int(i) for i in np.asarray(local["video"])],
-                                 "starts": [int(i) for i in np.asarray(local["start"])]})
+                    self._write({"step": step, "data": [int(i) for i in ints["index"]],
+                                 "videos": [int(i) for i in ints["video"]],
+                                 "starts": [int(i) for i in ints["start"]]})
                 if step % tc.log_every == 0 or step == self.total_steps or step == 1:
                     dt = time.time() - t_last
                     rate = n_last * self.global_batch / max(dt, 1e-9)
@@ -520,6 +731,8 @@ class Trainer:
                                     "clips_per_s": round(rate, 3), "skipped": self.skipped,
                                     "clips_read": self.clips_read, "time_s": round(time.time() - self.t_start, 1)}
                     self._write(last_metrics)
+                    if self.tb is not None:
+                        self.tb.train(last_metrics)
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lrs['lr']:.2e}", clips_s=f"{rate:.2f}",
                                         skipped=self.skipped)
@@ -529,24 +742,27 @@ class Trainer:
                 if tc.ckpt_every and step % tc.ckpt_every == 0 and step < self.total_steps:
                     self.save()
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < self.total_steps:
-                    res = self.evaluate()
+                    res = self.evaluate(**self._tb_overlays(step))
                     if res is not None:
                         self._write({"step": step, "eval": res})
                         self.log(f"step {step}: val IoU {res['model']['iou']:.4f}")
             self.save(force=True)
             self.ckpt.wait()
-            if self.stop is not None and self.stop.signum is not None:
+            if self._stop_requested():
                 self._stop_now()
         finally:
             if bar is not None:
                 bar.close()
         if step < self.total_steps:  # stopped early (`until`)
             return {"step": step, "wall_s": round(time.time() - self.t_start, 1)}
+        exported = self.export_model()
+        if exported is not None:
+            self.log(f"model directory: {exported} (eval predict --checkpoint {exported})")
         train_time = time.time() - self.t_start
         summary = {"step": step, "train_wall_s": round(train_time, 1), "first_step_s": t_first,
                    "last": last_metrics}
         if cfg.eval.final and self.val_dir:
-            res = self.evaluate(baseline=cfg.eval.baseline, overlays=cfg.eval.overlays)
+            res = self.evaluate(baseline=cfg.eval.baseline, **self._tb_overlays(step, final=True))
             if res is not None:
                 if initial is None and (self.workdir / "eval_initial.json").is_file():
                     initial = read_json(self.workdir / "eval_initial.json")
@@ -566,6 +782,9 @@ class Trainer:
 
     def close(self) -> None:
         self.ckpt.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
         close = getattr(self.data_iter, "close", None)
         if close is not None:
             close()

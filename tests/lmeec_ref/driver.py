@@ -78,7 +78,10 @@ def _cuda_means_cpu():
     torch.Tensor.to = to
 
 
-def _import_reference(ref: str):
+def setup_reference(ref: str) -> str:
+    """Put the checkout first on ``sys.path`` (its ``sam2`` package replaces any other), stub the
+    missing unused modules, map cuda to the CPU; returns the checkout's absolute path.
+    Shared with ``train_driver.py``."""
     ref = os.path.abspath(ref)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.getcwd()]
     sys.path.insert(0, ref)
@@ -90,9 +93,15 @@ def _import_reference(ref: str):
     _stub_missing_modules()
     _cuda_means_cpu()
     import sam2
-    from sam2.build_sam import build_sam2_video_predictor_ego
 
     assert os.path.dirname(os.path.abspath(sam2.__file__)) == os.path.join(ref, "sam2"), sam2.__file__
+    return ref
+
+
+def _import_reference(ref: str):
+    setup_reference(ref)
+    from sam2.build_sam import build_sam2_video_predictor_ego
+
     return build_sam2_video_predictor_ego
 
 
