@@ -160,17 +160,25 @@ def main(argv=None) -> int:
     print(f"model built in {time.perf_counter() - t0:.1f} s (image size {cfg.image_size})", flush=True)
 
     class SampledRunner(P.ChunkRunner):
-        """Samples live JAX bytes at every chunk dispatch (no host sync added); RSS is
+        """Samples live JAX bytes at every tracker-chunk dispatch (no host sync added); RSS is
         sampled by a background thread every 20 ms while a run is going."""
 
         peak_rss = 0
         peak_live = 0
         stamps: list = []
 
-        def run(self, *a, **kw):
-            out = super().run(*a, **kw)
+        def _sample(self):
             self.peak_live = max(self.peak_live, _live_bytes())
             self.stamps.append(time.perf_counter())
+
+        def run(self, *a, **kw):  # the per-video path (features inside the chunk)
+            out = super().run(*a, **kw)
+            self._sample()
+            return out
+
+        def track(self, *a, **kw):  # predict_split's path (features shared, ChunkRunner.encode)
+            out = super().track(*a, **kw)
+            self._sample()
             return out
 
     def sample_rss(stop: threading.Event):

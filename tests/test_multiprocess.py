@@ -5,7 +5,8 @@ Two ``python -m train`` processes on 127.0.0.1 (one CPU device each, gloo collec
 with two devices (``--xla_force_host_platform_device_count=2``) trains the same run. Every
 step's loss in ``metrics.jsonl``, the clip ids of every step and the final (exported)
 parameters agree to 1e-6; only process 0 writes ``metrics.jsonl`` / ``config.yaml`` / the model
-/ TensorBoard, and every process writes its data-iterator state into the checkpoint. Then a
+/ TensorBoard, and every process writes its data-iterator state into the checkpoint; the final
+validation (process 0, the other process waiting at a barrier) equals the one-process one. Then a
 one-process run resumes the two-process run's step-2 checkpoint (state restored from the orbax
 multi-process save; the data iterator, saved per process, set to step 2) and ends on the same
 losses and parameters as the straight one-process run.
@@ -39,16 +40,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(train_dir, cache) -> dict:
+def _config(train_dir, val_dir, cache) -> dict:
     return {
         "name": "mp_test",
         "model": {"name": "lmeec_hiera_nano", "seed": 0, "drop_path_rate": 0.1,
                   "overrides": {"image_size": 64, "memory_attention_layers": 1, "fuser_layers": 1}},
-        "data": {"train_dir": str(train_dir), "num_frames": 2, "workers": 0, "threads": 1, "prefetch": 2,
+        "data": {"train_dir": str(train_dir), "val_dir": str(val_dir), "num_frames": 2, "workers": 0, "threads": 1, "prefetch": 2,
                  "preresize": 128, "synthetic": {"enabled": False}},
         "optim": {"base_lr": 1e-3, "vision_lr": 1e-3, "layer_decay": None, "clip_max_norm": 1.0},
         "train": {"batch_size": 1, "steps": STEPS, "log_every": 1, "ckpt_every": 2, "keep": 5, "log_data": True},
-        "eval": {"final": False, "initial": False},
+        # the final validation runs on process 0 while the others wait (then all leave together)
+        "eval": {"final": True, "initial": False, "baseline": False, "overlays": 0, "max_videos": 2, "chunk": 4},
         # a loaded CI machine can starve the heartbeat thread past jax's 100 s default
         "runtime": {"progress": False, "compilation_cache": str(cache), "heartbeat_timeout_s": 7200},
     }
@@ -113,9 +115,11 @@ def test_two_processes_equal_one_process_two_devices(tmp_path):
     t0 = time.time()
     train_dir = tmp_path / "data" / "train"
     make_synthetic_split(train_dir, 2, seed=3, n_frames=10, workers=1, raw_masks=False)
+    val_dir = tmp_path / "data" / "val"
+    make_synthetic_split(val_dir, 1, seed=4, n_frames=4, workers=1, raw_masks=False)
     cfg_path = tmp_path / "mp.yaml"
     cache = os.environ.get("LMEEC_TEST_JAX_CACHE") or tmp_path / "jax_cache"  # reuse compiles across runs
-    cfg_path.write_text(yaml.safe_dump(_config(train_dir, cache)))
+    cfg_path.write_text(yaml.safe_dump(_config(train_dir, val_dir, cache)))
 
     # the two-process run and the one-process two-device run, side by side
     port = _free_port()
@@ -136,12 +140,16 @@ def test_two_processes_equal_one_process_two_devices(tmp_path):
     print(f"\nmax |loss diff| per step: {loss_diff}; max |param diff|: {param_diff:.3g}")
     assert max(loss_diff.values()) <= 1e-6
     assert param_diff <= 1e-6
+    # the final validation (process 0 alone, the other waiting) equals the one-process one
+    ea, eb = (json.loads((w / "eval_final.json").read_text()) for w in (mp, sp))
+    print(f"final validation IoU: 2 processes {ea['iou']}, 1 process {eb['iou']}")
+    assert ea["n_videos"] == eb["n_videos"] > 0 and abs(ea["iou"] - eb["iou"]) <= 1e-6
 
     # process 0 alone writes the run's files; every process its iterator state
     assert not (mp / "error.process1.log").exists() or "Traceback" not in (mp / "error.process1.log").read_text()
     assert len(list((mp / "tensorboard").glob("events.out.tfevents.*"))) == 1
     for step in (2, 4):
-        names = sorted(p.name for p in (mp / "checkpoints" / str(step) / "data").iterdir())
+        names = sorted(p.name for p in (mp / "checkpoints" / str(step) / "data").glob("process_*"))
         assert names == ["process_0-of-2.json", "process_1-of-2.json"], names
 
     # the two-process step-2 checkpoint resumes in one process (two devices): steps 3-4 as straight

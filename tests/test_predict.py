@@ -107,6 +107,12 @@ def test_buckets_and_grouping():
     pairs = P.group_pairs(recs, max_objects=2)
     assert [[r.obj for r in g.records] for g in pairs] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert [[r.obj for r in g.records] for g in P.group_pairs(recs, 2, buckets=[2])] == [["a", "b"], ["c", "d"], ["e"]]
+    # pad=False (CPU): a pair's objects cut into bucket sizes, largest first, never padded
+    six = [R(o, ("0", "30")) for o in "abcdef"] + [R("g", ("0",), "cam02")]
+    cut = lambda **kw: [[r.obj for r in g.records] for g in P.group_pairs(six, 8, exact=False, pad=False, **kw)]
+    assert cut() == [["a", "b", "c", "d"], ["e", "f"], ["g"]]
+    assert cut(buckets=[3, 8]) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]  # 1 < smallest bucket: one batch
+    assert [len(g.records) for g in P.group_pairs(six, 8, exact=False)] == [6, 1]  # pad=True: one padded batch
 
 
 # ----------------------------------------------------------------------------- outputs

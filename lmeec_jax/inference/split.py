@@ -61,6 +61,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -341,7 +342,7 @@ class PairBatch:
 
 
 def group_pairs(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_OBJECTS,
-                buckets: Optional[Sequence[int]] = None, exact: bool = True) -> List[PairBatch]:
+                buckets: Optional[Sequence[int]] = None, exact: bool = True, pad: bool = True) -> List[PairBatch]:
     """Batches of videos of one (take, direction, src, tgt) whose frame lists may differ, in the
     order of the first video of each batch.
 
@@ -354,6 +355,12 @@ def group_pairs(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_O
     together while they fit in it. With the default buckets (1, 2, 4, ...) that is the
     frame-list grouping itself; with ``--batch-buckets 8`` every object of a pair (up to
     8) runs in one batch.
+
+    ``pad=False`` (with ``exact=False``): a pair's objects are cut into batches of bucket sizes
+    (largest first: 6 objects with buckets 1, 2, 4, 8 run as 4 + 2) instead of one batch
+    padded to the next bucket (8: two objects' work for nothing). On a CPU the cost is
+    linear in the batch, so padding is pure waste; on an accelerator a wider batch is
+    nearly free and fewer, padded batches are faster.
     """
     if max_objects < 1:
         raise ValueError("max_objects must be >= 1")
@@ -374,8 +381,16 @@ def group_pairs(records: Sequence[VideoRecord], max_objects: int = DEFAULT_MAX_O
                     parts.append(cur)
                     open_bin[b] = cur
                 cur.extend(g.records)
-        else:
+        elif pad:
             parts = [recs[i:i + max_objects] for i in range(0, len(recs), max_objects)]
+        else:
+            sizes = sorted(b for b in (buckets or default_buckets(max_objects)) if b <= max_objects)
+            parts, i = [], 0
+            while i < len(recs):
+                left = len(recs) - i
+                n = max((b for b in sizes if b <= left), default=left)
+                parts.append(recs[i:i + n])
+                i += n
         parts = [sorted(p, key=lambda r: order[id(r)]) for p in parts]
         parts.sort(key=lambda p: order[id(p[0])])
         for part in parts:
@@ -580,7 +595,6 @@ def run_take(runner: ChunkRunner, split_dir: str, take: str, annotation: dict, b
         if on_done is not None:
             on_done(res)
 
-    done_runs = set()
     for i, (images, good, errors, inputs) in enumerate(prefetched(load, len(steps), executor)):
         _, b, c = steps[i]
         run = runs[b]
@@ -962,7 +976,8 @@ def predict_split(model, split_dir: str, direction: str, out_dir: str, *, chunk:
     at a time instead, each encoding its own frames (the reference's way; same outputs).
     ``exact_batches=False``: every object of a camera pair in one batch, whatever the batch
     size of its frame-list group was (see :func:`group_pairs`: results move in their last
-    bits, the official confidence and, rarely, a mask pixel).
+    bits, the official confidence and, rarely, a mask pixel); on a CPU a pair's objects are
+    cut into bucket-sized batches rather than padded (``group_pairs(pad=False)``).
     ``frames``: the videos' frame lists (:func:`lmeec_jax.data.egoexo.list_take_videos`);
     ``confidence``: ``"score"`` (sigmoid of the object score) or ``"area"`` (LM-EEC's
     ``int(area > 0.1%)`` of the 480² mask) in the official JSON. ``shard`` = (I, N): only
@@ -1150,7 +1165,9 @@ def _predict_take(runner, split_dir, out_dir, take, ann, dirs: Sequence[_Directi
 
     frame_shape = "official" if official_shape_frames else "square"
     if share_features:
-        run_take(runner, split_dir, take, ann, group_pairs(todo, max_objects, buckets, exact=exact_batches), chunk=chunk, buckets=buckets,
+        run_take(runner, split_dir, take, ann, group_pairs(todo, max_objects, buckets, exact=exact_batches,
+                                                           pad=jax.default_backend() != "cpu"),
+                 chunk=chunk, buckets=buckets,
                  max_objects=max_objects, official_hw=shape_of, frame_shape=frame_shape,
                  executor=executor if prefetch else None, on_done=commit, stats=stats)
     else:  # one video at a time, its frames encoded inside its own chunks

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -134,6 +133,14 @@ class _DropFailedWriteLogs(logging.Filter):
 _FAILED_WRITE_LOGS = _DropFailedWriteLogs()
 
 
+def _this_process_only():
+    """A model directory is host numpy, read and written by the calling process alone: in a
+    multi-process job (``python -m train`` exporting from process 0, every process loading
+    ``init_from``) orbax must not wait for the other processes."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def _write_params(path: Path, sd: dict[str, np.ndarray]) -> None:
     """Write ``sd`` as an orbax checkpoint at ``path``, synchronously. A write the OS refuses
     (tensorstore's ValueError "... [os_error_code='28']") comes out once, as OSError: orbax's
@@ -146,7 +153,7 @@ def _write_params(path: Path, sd: dict[str, np.ndarray]) -> None:
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.CRITICAL)
-    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_this_process_only())
     try:
         ckptr.save(path, args=ocp.args.StandardSave(sd))
     except ValueError as e:
@@ -286,7 +293,7 @@ def load_state(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(model_dir).absolute() / PARAMS_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: missing parameter checkpoint")
-    restored = ocp.StandardCheckpointer().restore(path)
+    restored = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()).restore(path)
     return {k: np.asarray(v) for k, v in restored.items()}
 
 

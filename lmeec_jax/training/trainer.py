@@ -632,8 +632,14 @@ class Trainer:
         """Validation scores (main process; None elsewhere). ``overlays`` PNGs go to
         ``overlay_dir`` (default ``<workdir>/overlays``). ``tb_step``: also write the scores and
         the first ``runtime.tensorboard_images`` overlays to TensorBoard at that step."""
+        if not self.val_dir:
+            return None
+        if not self.is_main:  # the others wait for process 0 (a collective meanwhile would time out)
+            sync("lmeec_evaluate")
+            return None
         val = self.get_validator()
-        if val is None or not self.is_main:
+        if val is None:
+            sync("lmeec_evaluate")
             return None
         t0 = time.time()
         params = self.state["params"] if params is None else params
@@ -646,6 +652,7 @@ class Trainer:
             written = sorted(p for p in overlay_dir.glob("*.png") if p.stat().st_mtime >= t0 - 1) if overlays else []
             self.tb.eval(tb_step, res, written[: self.cfg.runtime.tensorboard_images])
             self.tb.flush()
+        sync("lmeec_evaluate")
         return res
 
     def _tb_overlays(self, step: int, final: bool = False) -> dict:
@@ -661,12 +668,16 @@ class Trainer:
     def export_model(self, out=None) -> Optional[Path]:
         """The current parameters as a model directory (``<workdir>/model`` by default), the
         format ``python -m convert`` writes: ``eval predict|track --checkpoint`` and
-        ``Predictor.load`` read it. Main process only; replaced atomically."""
+        ``Predictor.load`` read it. Written by process 0 (None elsewhere) while the others wait;
+        replaced atomically."""
         if not self.is_main:
+            sync("lmeec_export")
             return None
         params, rngs, rest = local_copy((self.state["params"], self.rngs, self.state["rest"]))
         model = nnx.merge(self.graphdef_eval, params, rngs, rest)
-        return model_ckpt.save_model(model, self.model_cfg, self.workdir / "model" if out is None else out)
+        path = model_ckpt.save_model(model, self.model_cfg, self.workdir / "model" if out is None else out)
+        sync("lmeec_export")
+        return path
 
     def save(self, force: bool = False) -> None:
         step = self.step
@@ -778,6 +789,7 @@ class Trainer:
                 self._write({"step": step, "eval": res})
                 summary["eval"] = final
         summary["wall_s"] = round(time.time() - self.t_start, 1)
+        sync("lmeec_train_done")  # no process leaves (jax's shutdown barrier) while one still writes
         return summary
 
     def close(self) -> None:
